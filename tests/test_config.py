@@ -1,0 +1,30 @@
+"""Configs are validated at load, and errors name the bad key."""
+
+import pytest
+
+from refocus_ray.config import ConfigError, load_config
+
+
+def test_embedded_config_loads():
+    cfg = load_config("configs/embedded.yaml")
+    assert cfg.pool.max_frames == 128 and cfg.encoders.frame == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("pool: {max_frame: 64}", "pool.max_frame: unknown key"),
+    ("pool: {max_frames: -1}", "pool.max_frames: must be > 0"),
+    ("pool: {max_fps: fast}", "pool.max_fps: expected"),
+    ("data: {kind: table}", "data.table: required"),
+    ("data: {kind: hub}", "data.kind: must be one of"),
+    ("colour: red", "colour: unknown key"),
+])
+def test_errors_name_the_key(tmp_path, text, message):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(p)
+
+
+def test_overrides_use_dotted_keys():
+    cfg = load_config("configs/embedded.yaml", {"pool.max_frames": 64})
+    assert cfg.pool.max_frames == 64
