@@ -1,0 +1,214 @@
+"""The reward pool: scorer actors that every env runner calls, batched, cached and restartable.
+
+Controller/worker split: `RewardPool` (the client, used by env runners, evaluation and the
+driver) routes each request to an actor by a hash of its cache key, so identical requests
+meet the same actor's cache; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
+GPU or, here, on pinned CPU cores) and micro-batches: requests from all callers queue up while
+the engine runs, and the next engine call takes all of them (up to `max_batch`).
+
+Fault tolerance comes from Ray: actors are created with `max_restarts=-1` and
+`max_task_retries=-1`, so a dead actor is restarted and the calls in flight to it are retried;
+the caller only sees a delay. The vLLM engine runs in the actor's own process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so killing an actor leaves no engine process behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from refocus_ray.scoring import ReferenceConfig, ScoreRequest, make_backend
+
+
+def request_key(req: ScoreRequest, model_id: str) -> str:
+    """(video, sorted frames, question, options, model): what makes two requests identical."""
+    blob = json.dumps([req.video, sorted(req.frames), req.question, list(req.options), model_id])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    cache_hits: int = 0
+    batches: int = 0
+    batched_requests: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def summary(self) -> dict[str, float]:
+        lat = np.asarray(self.latencies_ms[-5000:] or [0.0])
+        dt = max(time.time() - self.started, 1e-9)
+        return {
+            "requests": self.requests, "requests_per_s": self.requests / dt,
+            "cache_hit_rate": self.cache_hits / max(self.requests, 1),
+            "mean_batch_size": self.batched_requests / max(self.batches, 1),
+            "engine_calls": self.batches,
+            "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+        }
+
+
+class ScorerActor:
+    """One reference-model backend behind an async, micro-batching queue."""
+
+    def __init__(self, cfg: dict[str, Any], cache_size: int = 200_000) -> None:
+        self.cfg = ReferenceConfig(**cfg)
+        if self.cfg.cpu_cores:
+            os.sched_setaffinity(0, self.cfg.cpu_cores)
+        self.backend = make_backend(self.cfg)
+        self.model_id = self.backend.model_id
+        self.cache: OrderedDict[str, list[float]] = OrderedDict()
+        self.cache_size = cache_size
+        self.inflight: dict[str, asyncio.Future] = {}
+        self.queue: list[tuple[str, ScoreRequest]] = []
+        self.wake: asyncio.Event | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1)
+        self.stats = _Stats()
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def ready(self) -> dict[str, Any]:
+        return {"model_id": self.model_id, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id(), "restarted": self.restarted}
+
+    async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if self.wake is None:
+            self.wake = asyncio.Event()
+            loop.create_task(self._batcher())
+        futs = []
+        for req in requests:
+            key = request_key(req, self.model_id)
+            self.stats.requests += 1
+            if key in self.cache:
+                self.stats.cache_hits += 1
+                self.cache.move_to_end(key)
+                fut = loop.create_future()
+                fut.set_result(self.cache[key])
+            elif key in self.inflight:  # the same request is already queued: share its answer
+                self.stats.cache_hits += 1
+                fut = self.inflight[key]
+            else:
+                fut = self.inflight[key] = loop.create_future()
+                self.queue.append((key, req))
+            futs.append(fut)
+        self.wake.set()
+        out = await asyncio.gather(*futs)
+        self.stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+        return list(out)
+
+    async def _batcher(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.cfg.max_wait_ms > 0:
+                await asyncio.sleep(self.cfg.max_wait_ms / 1e3)  # let concurrent callers join
+            while self.queue:
+                batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch:]
+                try:
+                    scores = await loop.run_in_executor(
+                        self.executor, self.backend.score, [r for _, r in batch]
+                    )
+                except Exception as e:  # every waiter hears about it; the actor lives on
+                    for key, _ in batch:
+                        self.inflight.pop(key).set_exception(e)
+                    continue
+                self.stats.batches += 1
+                self.stats.batched_requests += len(batch)
+                for (key, _), z in zip(batch, scores):
+                    self.cache[key] = z
+                    self.inflight.pop(key).set_result(z)
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+
+    def get_stats(self) -> dict[str, Any]:
+        return {**self.stats.summary(), "restarted": self.restarted, "pid": os.getpid()}
+
+
+def actor_options(cfg: ReferenceConfig) -> dict[str, Any]:
+    """Resources and restart policy of one scorer actor, from config."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
+    for key in ("VLLM_HOST_IP", "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if cfg.cpu_cores:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cfg.cpu_cores))
+        env["OMP_NUM_THREADS"] = str(len(cfg.cpu_cores))
+    opts: dict[str, Any] = {
+        "num_cpus": cfg.num_cpus_per_actor, "num_gpus": cfg.num_gpus_per_actor,
+        "max_restarts": -1, "max_task_retries": -1, "max_concurrency": 1000,
+        "runtime_env": {"env_vars": env},
+    }
+    if cfg.resources:
+        opts["resources"] = dict(cfg.resources)
+    return opts
+
+
+class RewardPool:
+    """Client of the scorer actors: routes, caches by actor, survives restarts.
+
+    Create once per job with `RewardPool.start(cfg)`; other processes (env runners) attach
+    with `RewardPool.attach(cfg)`, which finds the actors by name.
+    """
+
+    def __init__(self, actors: list[ray.actor.ActorHandle], cfg: ReferenceConfig) -> None:
+        self.actors, self.cfg = actors, cfg
+        self.model_id = ray.get(actors[0].ready.remote())["model_id"]
+
+    @staticmethod
+    def _name(cfg: ReferenceConfig, i: int) -> str:
+        return f"{cfg.pool_name}-{i}"
+
+    @classmethod
+    def start(cls, cfg: ReferenceConfig) -> RewardPool:
+        remote = ray.remote(ScorerActor)
+        actors = [
+            remote.options(name=cls._name(cfg, i), get_if_exists=True,
+                           **actor_options(cfg)).remote(asdict(cfg))
+            for i in range(cfg.num_actors)
+        ]
+        ray.get([a.ready.remote() for a in actors])
+        return cls(actors, cfg)
+
+    @classmethod
+    def attach(cls, cfg: ReferenceConfig) -> RewardPool:
+        return cls([ray.get_actor(cls._name(cfg, i)) for i in range(cfg.num_actors)], cfg)
+
+    def submit(self, requests: list[ScoreRequest]) -> list[ray.ObjectRef]:
+        """Send requests (routed by key) without waiting; returns one ref per actor used,
+        see `gather`."""
+        by_actor: dict[int, list[int]] = {}
+        for i, req in enumerate(requests):
+            a = int(request_key(req, self.model_id)[:8], 16) % len(self.actors)
+            by_actor.setdefault(a, []).append(i)
+        return [(idx, self.actors[a].score.remote([requests[i] for i in idx]))
+                for a, idx in by_actor.items()]
+
+    @staticmethod
+    def gather(pending, n: int) -> list[list[float]]:
+        out: list[list[float]] = [None] * n  # type: ignore[list-item]
+        for idx, ref in pending:
+            for i, z in zip(idx, ray.get(ref)):
+                out[i] = z
+        return out
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        """Option scores z for each request (blocking)."""
+        return self.gather(self.submit(requests), len(requests))
+
+    def stats(self) -> list[dict[str, Any]]:
+        return ray.get([a.get_stats.remote() for a in self.actors])
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
