@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--out", required=True, help="output folder (videos/ + questions.parquet)")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--videos", type=int, default=240, help="total videos over all splits")
+    ev.add_argument("--videos", type=int, default=280, help="total videos over all splits")
     ev.add_argument("--stats", action="store_true", help="also write and print stats.json")
     for p in (ev,):
         p.add_argument("--max-frames", type=int, default=128, help="pool size for --stats")

