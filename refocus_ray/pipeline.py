@@ -9,7 +9,6 @@ directory and is cached by a fingerprint of its config and inputs (see `stages`)
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from refocus_ray.config import Config, file_hash

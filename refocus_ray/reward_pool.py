@@ -119,7 +119,7 @@ class ScorerActor:
                     scores = await loop.run_in_executor(
                         self.executor, self.backend.score, [r for _, r in batch]
                     )
-                except Exception as e:  # every waiter hears about it; the actor lives on
+                except Exception as e:  # noqa: BLE001 -- every waiter hears about it; the actor lives on
                     for key, _ in batch:
                         self.inflight.pop(key).set_exception(e)
                     continue

@@ -92,7 +92,7 @@ def _reason(path: str, exc: Exception) -> str:
         with av.open(path) as c:
             if not c.streams.video:
                 return "no video stream"
-    except Exception as e:  # the container itself is unreadable: FFmpeg says why
+    except Exception as e:  # noqa: BLE001 -- the container itself is unreadable: FFmpeg says why
         return f"not a readable video ({e})"
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300] + " (truncated or corrupt stream?)"
 
@@ -100,7 +100,7 @@ def _reason(path: str, exc: Exception) -> str:
 def _worker(out: mp.Queue, path: str, max_frames: int, max_fps: float, size: int | None) -> None:
     try:
         out.put(("ok", decode_pool(path, max_frames, max_fps, size)))
-    except Exception as e:  # reported to the parent, which raises VideoError
+    except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises VideoError
         out.put(("error", _reason(path, e)[:500]))
 
 

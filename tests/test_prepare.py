@@ -37,7 +37,7 @@ def test_first_run_caches_good_videos_and_reports_bad(prepared):
 
 def test_second_run_decodes_nothing(prepared, monkeypatch):
     cfg, _ = prepared
-    import refocus_ray.video as video
+    from refocus_ray import video
 
     def must_not_decode(*a, **k):  # injected fault: any decode now is a test failure
         raise AssertionError("a cached video was decoded again")

@@ -34,7 +34,7 @@ def test_bad_files_raise_video_error_naming_file(clip_dir, name, reason):
 
 def test_decoder_crash_is_contained(clip_dir, monkeypatch):
     """Fault injection: a decoder that segfaults takes down only its child process."""
-    import refocus_ray.video as video
+    from refocus_ray import video
 
     def crash(*a, **k):  # injected fault: the worker dies the way a decord abort would
         import os
