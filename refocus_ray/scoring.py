@@ -12,8 +12,8 @@ size exactly as the forge trained) and builds prompts through `prompting`, so th
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,7 +33,6 @@ class ReferenceConfig:
     model: str = "forge"  # "forge" = this run's forged checkpoint; else a checkpoint dir / id
     answer_mode: str = "content"  # content (forged models) | letter (pretrained VLMs, paper)
     reward: str = "tanh_margin"  # tanh_margin | prob_margin | correct
-    frame_size: int = 0  # 0 = read from the checkpoint's forge.json
     dtype: str = "float32"
     max_model_len: int = 4096
     num_actors: int = 1
@@ -77,45 +76,153 @@ class Backend(Protocol):
 
 
 class FrameStore:
-    """Decoded frames at the model's input size, memoised per (video, frame number).
+    """Frames of (video, frame number), decoded once with decord and kept after `transform`.
 
-    Frames are decoded with decord squashed to size x size, the same call the forge uses to
-    build its training frames, so the scorer sees exactly the pixels the model was trained on.
+    The transform is the model's own frame preprocessing (the forge's squash-resize), so the
+    store keeps exactly the pixels the model sees, in its small input size.
     """
 
-    def __init__(self, size: int, capacity: int = 200_000) -> None:
-        self.size, self.capacity = size, capacity
+    def __init__(self, transform: Callable[[np.ndarray], np.ndarray] | None = None,
+                 capacity: int = 200_000) -> None:
+        self.transform, self.capacity = transform, capacity
         self.frames: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
 
     def get(self, video: str, frames: tuple[int, ...]) -> np.ndarray:
+        """uint8 [k, H, W, 3] in chronological order."""
         from refocus_ray.video import decode
 
         order = sorted(frames)
         missing = [f for f in order if (video, f) not in self.frames]
         if missing:
-            for f, img in zip(missing, decode(video, missing, self.size)):
+            imgs = decode(video, missing)
+            if self.transform is not None:
+                imgs = self.transform(imgs)
+            for f, img in zip(missing, imgs):
                 self.frames[(video, f)] = img
             while len(self.frames) > self.capacity:
                 self.frames.popitem(last=False)
         return np.stack([self.frames[(video, f)] for f in order])
 
 
-def checkpoint_meta(model_dir: str | Path) -> dict[str, Any]:
-    """The forge's description of a checkpoint (frame size, answer mode), if it has one."""
-    f = Path(model_dir) / "forge.json"
-    return json.loads(f.read_text()) if f.exists() else {}
+def _transform_for(model_dir: str) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The forge's preprocessing for forged checkpoints; None (processor resizes) otherwise."""
+    from refocus_ray.forge import CONFIG_FILE, ForgeConfig, preprocess_frames
+
+    if not (Path(model_dir) / CONFIG_FILE).exists():
+        return None
+    fcfg = ForgeConfig.load(model_dir)
+    return lambda frames: preprocess_frames(frames, fcfg)
+
+
+class VLLMBackend:
+    """vLLM in this process: one prefill per request, all queued requests in one engine call."""
+
+    def __init__(self, cfg: ReferenceConfig) -> None:
+        from refocus_ray.vllm_scoring import VLLMScorer
+
+        kw: dict[str, Any] = {}
+        if cfg.num_gpus_per_actor:
+            kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        self.scorer = VLLMScorer(cfg.model, answer_mode=cfg.answer_mode, dtype=cfg.dtype,
+                                 max_model_len=cfg.max_model_len, **kw)
+        self.store = FrameStore(_transform_for(cfg.model))
+        self.model_id = f"vllm:{Path(cfg.model).resolve()}"
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        return self.scorer.score(
+            [(self.store.get(r.video, r.frames), r.question, r.options) for r in requests]
+        )
+
+
+class TransformersBackend:
+    """The same prompt and frames through the HF processor and model, in-process (fp32)."""
+
+    def __init__(self, cfg: ReferenceConfig) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from refocus_ray.vllm_scoring import IMAGE_PLACEHOLDER
+
+        self.torch = torch
+        self.processor = AutoProcessor.from_pretrained(cfg.model)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model, dtype=torch.float32).eval()
+        self.image_token = IMAGE_PLACEHOLDER[self.model.config.model_type]
+        self.mode = cfg.answer_mode
+        self.store = FrameStore(_transform_for(cfg.model))
+        self.model_id = f"transformers:{Path(cfg.model).resolve()}"
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        from PIL import Image
+
+        from refocus_ray.prompting import build_prompt, scored_token_ids
+
+        out = []
+        for r in requests:
+            frames = self.store.get(r.video, r.frames)
+            prompt = build_prompt(r.question, r.options, len(frames), self.mode, self.image_token)
+            inputs = self.processor(text=prompt, images=[[Image.fromarray(f) for f in frames]],
+                                    return_tensors="pt")
+            ids = scored_token_ids(self.processor.tokenizer, r.options, self.mode)
+            with self.torch.inference_mode():
+                logits = self.model(**inputs).logits[0, -1].float()
+            logp = self.torch.log_softmax(logits, -1)
+            out.append([float(logp[i]) for i in ids])
+        return out
+
+
+class OpenAIBackend:
+    """An external OpenAI-compatible vLLM server: the same prompt as a chat message whose
+    images are PNG data URLs; option log-probs from one prefill (`logprob_token_ids`)."""
+
+    def __init__(self, cfg: ReferenceConfig) -> None:
+        from transformers import AutoTokenizer
+
+        self.url = cfg.openai_url.rstrip("/")
+        self.model = cfg.model
+        self.mode = cfg.answer_mode
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.store = FrameStore(_transform_for(cfg.model))
+        self.model_id = f"openai:{self.url}:{Path(cfg.model).resolve()}"
+
+    def _message(self, r: ScoreRequest, frames: np.ndarray) -> list[dict[str, Any]]:
+        import base64
+        import io
+
+        from PIL import Image
+
+        from refocus_ray.prompting import build_prompt
+
+        parts: list[dict[str, Any]] = []
+        for f in frames:
+            buf = io.BytesIO()
+            Image.fromarray(f).save(buf, format="PNG")  # lossless: the same pixels arrive
+            url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        parts.append({"type": "text", "text": build_prompt(r.question, r.options, 0, self.mode, "")})
+        return [{"role": "user", "content": parts}]
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        import requests as http
+
+        from refocus_ray.prompting import scored_token_ids
+
+        out = []
+        for r in requests:
+            ids = scored_token_ids(self.tokenizer, r.options, self.mode)
+            body = {"model": self.model, "messages": self._message(r, self.store.get(r.video, r.frames)),
+                    "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": len(ids),
+                    "logprob_token_ids": ids, "add_generation_prompt": False}
+            resp = http.post(f"{self.url}/chat/completions", json=body, timeout=120)
+            if resp.status_code != 200:
+                raise RuntimeError(f"{self.url}: HTTP {resp.status_code}: {resp.text[:300]}")
+            top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            by_token = {self.tokenizer.convert_tokens_to_ids(t["token"]): t["logprob"] for t in top}
+            out.append([float(by_token[i]) for i in ids])
+        return out
 
 
 def make_backend(cfg: ReferenceConfig) -> Backend:
-    """Build the configured backend (inside the scorer actor for `vllm`)."""
-    if cfg.backend == "vllm":
-        from refocus_ray.vllm_scoring import VLLMBackend
-
-        return VLLMBackend(cfg)
-    if cfg.backend == "transformers":
-        from refocus_ray.vllm_scoring import TransformersBackend
-
-        return TransformersBackend(cfg)
-    from refocus_ray.vllm_scoring import OpenAIBackend
-
-    return OpenAIBackend(cfg)
+    """Build the configured backend (inside a scorer actor of the reward pool)."""
+    return {"vllm": VLLMBackend, "transformers": TransformersBackend,
+            "openai": OpenAIBackend}[cfg.backend](cfg)
