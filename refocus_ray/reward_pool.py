@@ -115,21 +115,34 @@ class ScorerActor:
                 await asyncio.sleep(self.cfg.max_wait_ms / 1e3)  # let concurrent callers join
             while self.queue:
                 batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch:]
-                try:
-                    scores = await loop.run_in_executor(
-                        self.executor, self.backend.score, [r for _, r in batch]
-                    )
-                except Exception as e:  # noqa: BLE001 -- every waiter hears about it; the actor lives on
-                    for key, _ in batch:
-                        self.inflight.pop(key).set_exception(e)
-                    continue
+                results = await loop.run_in_executor(self.executor, self._score_batch, batch)
                 self.stats.batches += 1
                 self.stats.batched_requests += len(batch)
-                for (key, _), z in zip(batch, scores):
-                    self.cache[key] = z
-                    self.inflight.pop(key).set_result(z)
+                for (key, _), z in zip(batch, results):
+                    fut = self.inflight.pop(key)
+                    if isinstance(z, Exception):
+                        fut.set_exception(z)
+                    else:
+                        self.cache[key] = z
+                        fut.set_result(z)
                 while len(self.cache) > self.cache_size:
                     self.cache.popitem(last=False)
+
+    def _score_batch(self, batch: list[tuple[str, ScoreRequest]]) -> list[Any]:
+        """One engine call; if it fails, score one by one so only the bad request fails."""
+        reqs = [r for _, r in batch]
+        try:
+            return self.backend.score(reqs)
+        except Exception as e:  # noqa: BLE001 -- isolate the bad request below
+            if len(reqs) == 1:
+                return [e]
+        out: list[Any] = []
+        for r in reqs:
+            try:
+                out.extend(self.backend.score([r]))
+            except Exception as e:  # noqa: BLE001 -- the caller of this request hears why
+                out.append(e)
+        return out
 
     def get_stats(self) -> dict[str, Any]:
         return {**self.stats.summary(), "restarted": self.restarted, "pid": os.getpid()}

@@ -41,3 +41,14 @@ def clip_dir(tmp_path_factory, real_frames) -> Path:
     (d / "truncated.mp4").write_bytes(whole[: len(whole) // 3])
     (d / "notes.mp4").write_text("this is not a video\n")
     return d
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (start-up costs ~5-8 s on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,106 @@
+"""The reward pool on a real vLLM engine: batching, caching, and surviving a killed actor.
+
+Plumbing, not accuracy: a small random-init Idefics3 (SmolVLM's architecture), scored in
+letter mode on real footage. One engine start is shared by the module.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import ray
+
+from refocus_ray.forge import build_random_model
+from refocus_ray.reward_pool import RewardPool
+from refocus_ray.scoring import ReferenceConfig, ScoreRequest
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory, ray_local):
+    model = build_random_model("idefics3", tmp_path_factory.mktemp("rand") / "idefics3")
+    cfg = ReferenceConfig(backend="vllm", model=str(model), answer_mode="letter",
+                          max_model_len=2048, pool_name="test-scorer", max_wait_ms=20)
+    p = RewardPool.start(cfg)
+    yield p
+    p.shutdown()
+
+
+def _requests(clip_dir, n, offset=0):
+    video = str(clip_dir / "long.mp4")
+    return [ScoreRequest(video, (offset + 7 * i, offset + 7 * i + 300, 900), "Which object is it?",
+                         ("cat", "moon", "page", "coffee")) for i in range(n)]
+
+
+def _engine_processes(pid: int) -> list[psutil.Process]:
+    """Processes a scorer actor may have left behind: its children and any vLLM engine core."""
+    out = []
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["ppid"] == pid or "EngineCore" in cmd:
+            out.append(p)
+    return out
+
+
+def test_scores_are_finite_and_cached(pool, clip_dir):
+    reqs = _requests(clip_dir, 4)
+    z1 = pool.score(reqs)
+    assert len(z1) == 4 and all(len(z) == 4 for z in z1)
+    assert all(v < 0 for z in z1 for v in z)  # log-probabilities
+    before = pool.stats()[0]
+    z2 = pool.score(reqs)
+    after = pool.stats()[0]
+    assert z2 == z1
+    hits = after["cache_hit_rate"] * after["requests"] - before["cache_hit_rate"] * before["requests"]
+    assert round(hits) == 4
+
+
+def test_concurrent_callers_are_batched(pool, clip_dir):
+    before = pool.stats()[0]
+    results = {}
+
+    def caller(i):
+        results[i] = pool.score(_requests(clip_dir, 8, offset=100 + 40 * i))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    after = pool.stats()[0]
+    calls = after["engine_calls"] - before["engine_calls"]
+    assert sum(len(r) for r in results.values()) == 16
+    assert calls < 16, f"16 requests took {calls} engine calls: no batching"
+
+
+def test_killed_actor_restarts_and_every_request_is_answered(pool, clip_dir):
+    reqs = _requests(clip_dir, 24, offset=500)
+    old = ray.get(pool.actors[0].ready.remote())
+    pending = pool.submit(reqs)
+    time.sleep(0.2)
+    ray.kill(pool.actors[0], no_restart=False)  # injected fault: the actor dies mid-batch
+    z = RewardPool.gather(pending, len(reqs))
+    assert len(z) == 24 and all(len(v) == 4 for v in z)
+    new = ray.get(pool.actors[0].ready.remote())
+    assert new["pid"] != old["pid"] and new["restarted"]
+    assert not psutil.pid_exists(old["pid"]) or psutil.Process(old["pid"]).status() == "zombie"
+    # nothing of the old engine survives: no children of the dead actor, and only the new
+    # actor's engine (in-process) exists
+    assert _engine_processes(old["pid"]) == []
+    assert _engine_processes(new["pid"]) == []
+    # the restarted engine scores the same requests the same way
+    np.testing.assert_allclose(pool.score(reqs[:4]), z[:4], atol=1e-4)
+    assert os.getpid() != new["pid"]
+
+
+def test_bad_request_fails_alone(pool, clip_dir):
+    good = _requests(clip_dir, 3, offset=50)
+    bad = ScoreRequest(str(clip_dir / "long.mp4"), (5, 5000), "Which object is it?", ("cat", "moon"))
+    pending = pool.submit([*good, bad])
+    with pytest.raises(ray.exceptions.RayTaskError, match="Out of bound"):
+        RewardPool.gather(pending, 4)
+    assert len(pool.score(good)) == 3  # the actor is alive and the good requests are scored
