@@ -4,6 +4,7 @@
     refocus data stats TABLE                                         benchmark statistics
     refocus data import SRC.jsonl|csv --out TABLE.parquet            validate users' QA data
     refocus prepare --config C                                       pools + feature cache
+    refocus forge-reference --config C                               train the reference VLM
     refocus demo --config C                                          every stage, cached
 
 Each subcommand's --help says what it reads, what it writes and what to expect.
@@ -83,6 +84,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forge(args: argparse.Namespace) -> int:
+    from refocus_ray import pipeline
+
+    cfg = _config(args)
+    if cfg.data.kind == "evidence" and not cfg.table_path().exists():
+        pipeline.evidence_stage(cfg)
+    res = pipeline.forge_stage(cfg)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
@@ -137,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--strict", action="store_true", help="exit non-zero if any video failed")
     pr.add_argument("--retry-failed", action="store_true", help="decode known-bad files again")
     pr.set_defaults(fn=cmd_prepare)
+
+    fo = sub.add_parser(
+        "forge-reference", help="train the embedded reference VLM (Idefics3) that vLLM serves",
+        description="Train a small Idefics3 VLM from scratch on the benchmark's train split "
+        "(chronological frame subsets of 4..32 frames, with and without the evidence), save a "
+        "standard Hugging Face checkpoint that vLLM loads unchanged, and write "
+        "forge_report.json: accuracy and margin on val at K = 4 and 8 with and without "
+        "evidence, per family, scored through vLLM. Cached: a second run reuses it.",
+    )
+    _add_config(fo)
+    fo.set_defaults(fn=cmd_forge)
 
     de = sub.add_parser("demo", help="run every stage on a config, each cached (make demo)")
     _add_config(de)

@@ -9,6 +9,7 @@ directory and is cached by a fingerprint of its config and inputs (see `stages`)
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from refocus_ray.config import Config, file_hash
@@ -60,9 +61,47 @@ def prepare_stage(cfg: Config, strict: bool | None = None, retry_failed: bool = 
     return res
 
 
+def forge_config(cfg: Config):
+    """The `forge:` section as a validated ForgeConfig (errors name `forge.<key>`)."""
+    from refocus_ray.config import ConfigError, build
+    from refocus_ray.forge import ForgeConfig
+
+    section = {"max_frames": cfg.pool.max_frames, "max_fps": cfg.pool.max_fps,
+               "seed": cfg.seed, **cfg.section("forge")}
+    try:
+        return build(ForgeConfig, section, "forge")
+    except ValueError as e:
+        raise ConfigError(f"forge: {e}") from None
+
+
+def forge_checkpoint(cfg: Config) -> Path:
+    return cfg.run_path / "forge" / "checkpoint"
+
+
+def forge_stage(cfg: Config) -> dict[str, Any]:
+    """Train the embedded reference VLM on the train split, then report on val through vLLM."""
+    import dataclasses
+
+    from refocus_ray import forge
+
+    fcfg = forge_config(cfg)
+
+    def run() -> dict[str, Any]:
+        ckpt = forge.forge(cfg.table_path(), cfg.run_path / "forge", fcfg)
+        report = forge.evaluate_forge(ckpt, cfg.table_path(), fcfg, split="val")
+        return {"checkpoint": str(ckpt),
+                **{k: v for k, v in report.items() if k != "per_family"}}
+
+    fp = {"forge": dataclasses.asdict(fcfg), "table": file_hash(cfg.table_path())}
+    res = run_stage(cfg.run_path, "forge", fp, run)
+    if not forge_checkpoint(cfg).exists():  # the stage record outlived its checkpoint
+        res = run_stage(cfg.run_path, "forge", {**fp, "rebuild": True}, run)
+    return res
+
+
 def demo(cfg: Config) -> dict[str, Any]:
     """Every stage the project has, in order, each cached."""
-    out = {"data": evidence_stage(cfg), "features": prepare_stage(cfg)}
+    out = {"data": evidence_stage(cfg), "features": prepare_stage(cfg), "forge": forge_stage(cfg)}
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "errors"}
                       for k, v in out.items()}, indent=2))
     return out

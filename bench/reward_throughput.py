@@ -1,0 +1,152 @@
+"""Reward scoring throughput: the pool vs per-subset transformers vs generate-then-parse.
+
+How to run (after `make demo` has forged the reference model):
+    .venv/bin/python bench/reward_throughput.py [--json out.json]
+    .venv/bin/python bench/reward_throughput.py --model DIR --table questions.parquet
+
+Workload: 16 GRPO groups of 8 random chronological subsets of K = 8 frames from test videos
+(distinct subsets: the cache is never hit). Measured in one run:
+  (a) the reward pool (one vLLM scorer actor, micro-batching), all groups in flight at once;
+  (b) the `transformers` backend, one subset per call under inference_mode;
+  (c) vLLM generate-then-parse: up to 4 generated tokens per subset, answer read from text;
+and the pool with 2 concurrent callers vs 1 (each caller sends one group at a time).
+Goals on 2 cores: a/b >= 2; 2 callers >= 1.5x one. a/c is reported without a goal (one
+prefill is about calibrated scores for every option, not speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+for k, v in {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+             "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(k, v)
+
+
+def workload(table: Path, groups: int, size: int, k: int, seed: int, offset: int = 0):
+    """`groups` x `size` ScoreRequests: each group one test question, distinct subsets."""
+    from refocus_ray.dataset import read_table, resolve_video
+    from refocus_ray.scoring import ScoreRequest
+    from refocus_ray.video import pool_indices, probe
+
+    rng = np.random.default_rng(seed)
+    rows = [r for r in read_table(table).to_pylist() if r["split"] == "test"]
+    picks = rng.choice(len(rows), groups + offset, replace=False)[offset:]
+    out = []
+    for i in picks:
+        r = rows[i]
+        video = str(resolve_video(table, r["video_path"]))
+        info = probe(video)
+        pool = pool_indices(info.n_frames, info.fps, 128, 4.0)
+        out.append([
+            ScoreRequest(video, tuple(sorted(int(f) for f in rng.choice(pool, k, replace=False))),
+                         r["question"], tuple(r["options"]))
+            for _ in range(size)
+        ])  # fmt: skip
+    return out
+
+
+def run_pool(pool, groups, callers: int) -> float:
+    """Subsets/s with `callers` threads, each sending its groups one at a time."""
+    share = [groups[i::callers] for i in range(callers)]
+    t = time.perf_counter()
+    threads = [threading.Thread(target=lambda g=g: [pool.score(x) for x in g]) for g in share]
+    [th.start() for th in threads]
+    [th.join() for th in threads]
+    return sum(map(len, groups)) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/embedded/forge/checkpoint")
+    ap.add_argument("--table", default="runs/embedded/data/questions.parquet")
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import ray
+
+    from refocus_ray.reward_pool import RewardPool
+    from refocus_ray.scoring import ReferenceConfig, TransformersBackend, VLLMBackend
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = ReferenceConfig(model=args.model, max_model_len=2048, max_wait_ms=2.0,
+                          pool_name="bench-scorer")
+    mk = lambda seed, off: workload(Path(args.table), args.groups, args.group_size, args.k,  # noqa: E731
+                                    seed, off)
+    res: dict[str, float] = {}
+    pool = RewardPool.start(cfg)
+    pool.score(mk(99, 0)[0])  # warm-up
+    before = pool.stats()[0]
+    batch = [r for g in mk(1, 0) for r in g]
+    t = time.perf_counter()
+    pool.score(batch)
+    res["subsets_per_s_pool"] = len(batch) / (time.perf_counter() - t)
+    after = pool.stats()[0]
+    calls = after["engine_calls"] - before["engine_calls"]
+    res["mean_batch_size"] = len(batch) / max(calls, 1)
+    res["subsets_per_s_pool_1_caller"] = run_pool(pool, mk(2, 0), 1)
+    res["subsets_per_s_pool_2_callers"] = run_pool(pool, mk(3, 0), 2)
+    pool.shutdown()
+    ray.shutdown()
+
+    tf = TransformersBackend(cfg)
+    reqs = [r for g in mk(4, 0) for r in g][:32]
+    tf.score(reqs[:1])
+    for r in reqs:  # decode outside the timed loop: the comparison is the model call
+        tf.store.get(r.video, r.frames)
+    t = time.perf_counter()
+    for r in reqs:
+        tf.score([r])
+    res["subsets_per_s_transformers"] = len(reqs) / (time.perf_counter() - t)
+    del tf
+
+    from vllm import SamplingParams
+
+    vb = VLLMBackend(cfg)
+    reqs = [r for g in mk(5, 0) for r in g]
+    items = [(vb.store.get(r.video, r.frames), r) for r in reqs]
+    sc = vb.scorer
+    prompts = [{"prompt": sc.prompt(len(f), r.question, r.options),
+                "multi_modal_data": {"image": sc.images(f)}} for f, r in items]
+    params = SamplingParams(max_tokens=4, temperature=0)
+    sc.llm.generate(prompts[:2], params, use_tqdm=False)
+    t = time.perf_counter()
+    outs = sc.llm.generate(prompts, params, use_tqdm=False)
+    parsed = [next((i for i, o in enumerate(r.options) if o in out.outputs[0].text), -1)
+              for (_, r), out in zip(items, outs)]
+    res["subsets_per_s_generate_parse"] = len(prompts) / (time.perf_counter() - t)
+    res["generate_parse_unparsed_fraction"] = float(np.mean([p < 0 for p in parsed]))
+
+    res["ratio_pool_vs_sequential"] = res["subsets_per_s_pool"] / res["subsets_per_s_transformers"]
+    res["ratio_pool_vs_generate"] = res["subsets_per_s_pool"] / res["subsets_per_s_generate_parse"]
+    res["ratio_two_callers_vs_one"] = (
+        res["subsets_per_s_pool_2_callers"] / res["subsets_per_s_pool_1_caller"]
+    )
+    w = args.groups * args.group_size
+    print(f"workload: {args.groups} groups x {args.group_size} subsets of K={args.k} ({w})")
+    print(f"(a) reward pool, all in flight     {res['subsets_per_s_pool']:8.1f} subsets/s "
+          f"(mean engine batch {res['mean_batch_size']:.1f})")
+    print(f"(b) transformers, one per call     {res['subsets_per_s_transformers']:8.1f} subsets/s")
+    print(f"(c) vLLM generate-then-parse       {res['subsets_per_s_generate_parse']:8.1f} subsets/s")
+    print(f"pool, 1 caller / 2 callers         {res['subsets_per_s_pool_1_caller']:8.1f} / "
+          f"{res['subsets_per_s_pool_2_callers']:.1f} subsets/s")
+    print(f"a/b = {res['ratio_pool_vs_sequential']:.2f}x (goal >= 2)   "
+          f"a/c = {res['ratio_pool_vs_generate']:.2f}x   "
+          f"2 callers / 1 = {res['ratio_two_callers_vs_one']:.2f}x (goal >= 1.5)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
