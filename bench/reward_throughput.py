@@ -82,7 +82,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     cfg = ReferenceConfig(model=args.model, max_model_len=2048, max_wait_ms=2.0,
                           pool_name="bench-scorer")
-    mk = lambda seed, off: workload(Path(args.table), args.groups, args.group_size, args.k,  # noqa: E731
+    mk = lambda seed, off: workload(Path(args.table), args.groups, args.group_size, args.k,
                                     seed, off)
     res: dict[str, float] = {}
     pool = RewardPool.start(cfg)
