@@ -1,0 +1,157 @@
+"""GRPO training of the selector from a run config: `train(cfg) -> run dir`.
+
+Reads the run's cached pools and query features (``refocus prepare``) and its ``train:``,
+``policy:`` and ``reference:`` sections; starts the reward pool (the driver owns it; env runners
+attach by name); builds the `GRPO` algorithm, or restores it with ``resume=True``; trains until
+``train.iterations``. Run it from the repository root (or with ``ray job submit --working-dir
+.``): env runners import the top-level ``envs`` package from there.
+
+Output under ``<run_dir>/train/``:
+
+    checkpoints/iter_000010/   RLlib checkpoints (`Algorithm.save_to_path`; they contain pickles
+                               and are read only by ``resume`` of this run)
+    metrics.jsonl              one JSON line per iteration (reward, accuracy, entropy, K, times)
+    policy/                    the trained selector: safetensors + JSON (`policy.load`)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from refocus_ray.config import Config, build
+
+CHECKPOINT_RE = re.compile(r"iter_(\d{6})$")
+
+
+def train_dir(cfg: Config) -> Path:
+    return cfg.run_path / "train"
+
+
+def latest_checkpoint(cfg: Config) -> Path | None:
+    """The newest complete checkpoint of this run (by iteration), if any."""
+    d = train_dir(cfg) / "checkpoints"
+    done = [p for p in d.glob("iter_*") if CHECKPOINT_RE.search(p.name)
+            and (p / "DONE").exists()] if d.exists() else []
+    return max(done, key=lambda p: p.name, default=None)
+
+
+def reference_config(cfg: Config):
+    """The ``reference:`` section; model "forge" means this run's forged checkpoint."""
+    from refocus_ray.pipeline import forge_checkpoint
+    from refocus_ray.scoring import ReferenceConfig
+
+    ref = build(ReferenceConfig, cfg.section("reference"), "reference")
+    if ref.model == "forge":
+        ckpt = forge_checkpoint(cfg)
+        if not ckpt.exists():
+            raise FileNotFoundError(f"reference.model is 'forge' but {ckpt} does not exist; "
+                                    "run the forge stage first or name a checkpoint")
+        ref.model = str(ckpt.resolve())
+    return ref
+
+
+def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
+    """The per-iteration line of metrics.jsonl from an `Algorithm.train()` result."""
+    g = result.get("grpo", {})
+    lrn = result.get("learners", {}).get("default_policy", {})
+
+    def num(v: Any) -> float | None:
+        v = float(v)
+        return None if math.isnan(v) else round(v, 6)
+
+    row: dict[str, Any] = {"iteration": int(result["training_iteration"])}
+    for key in ("k", "groups", "groups_trained", "updates", "reward_calls", "reward_requests"):
+        if key in g:
+            row[key] = int(g[key])
+    for key in ("reward_mean", "accuracy", "reward_group_std_mean", "zero_variance_groups_frac",
+                "time_rollout_s", "time_reward_wait_s", "time_learn_s"):
+        if key in g:
+            row[key] = num(g[key])
+    for key in ("entropy", "policy_loss", "clip_frac", "approx_kl"):
+        if key in lrn:
+            row[key] = num(lrn[key])
+    row["time_iteration_s"] = num(result.get("time_this_iter_s", float("nan")))
+    return row
+
+
+def export_policy(algo: Any, out: Path) -> Path:
+    """Save the learner's current selector as safetensors + JSON (`policy.save`)."""
+    import numpy as np
+    import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
+
+    from refocus_ray.policy import PolicyConfig, SelectorPolicy, save
+
+    weights = algo.learner_group.get_weights()[DEFAULT_MODULE_ID]
+    pcfg = algo.config.model_config["policy"]
+    policy = SelectorPolicy(PolicyConfig.from_dict(pcfg))
+    policy.load_state_dict({k.removeprefix("policy."): torch.as_tensor(np.asarray(v))
+                            for k, v in weights.items()})  # the learner group sends numpy
+    return save(policy, out)
+
+
+def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> Path:
+    """Train (or resume) GRPO for the run; returns the run directory.
+
+    `scorer` (an object with ``score(requests)``) replaces the reward pool in this process
+    (``train.num_env_runners`` must be 0); such runs cannot be resumed in another process.
+    """
+    import ray
+    from ray.rllib.algorithms.algorithm import Algorithm
+
+    from refocus_ray.grpo import GRPOConfig, TrainConfig
+
+    t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
+    out = train_dir(cfg)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    pool = None
+    if scorer is None:
+        from refocus_ray.reward_pool import RewardPool
+
+        ref = reference_config(cfg)
+        try:  # a pool somebody else started (same name) is used and left running
+            ray.get_actor(f"{ref.pool_name}-0")
+        except ValueError:
+            pool = RewardPool.start(ref)
+        else:
+            RewardPool.attach(ref)
+
+    start = latest_checkpoint(cfg) if resume else None
+    if resume and start is None:
+        log(f"[train] --resume: no checkpoint under {out / 'checkpoints'}; starting fresh")
+    algo = (Algorithm.from_checkpoint(str(start)) if start is not None
+            else GRPOConfig.from_run_config(cfg, scorer=scorer).build_algo())
+    it0 = algo.training_iteration
+    # metrics.jsonl holds exactly the iterations the restored state has seen
+    old = metrics.read_text().splitlines() if (start is not None and metrics.exists()) else []
+    metrics.write_text("".join(line + "\n" for line in old
+                               if json.loads(line)["iteration"] <= it0))
+    log(f"[train] {'resumed at' if start else 'starting'} iteration {it0} of {t.iterations}")
+    try:
+        with metrics.open("a") as f:
+            while algo.training_iteration < t.iterations:
+                t0 = time.perf_counter()
+                row = metrics_row(algo.train())
+                row["time_iteration_s"] = round(time.perf_counter() - t0, 4)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                it = row["iteration"]
+                log(f"[train] {json.dumps(row)}")
+                if it % t.checkpoint_every == 0 or it == t.iterations:
+                    ckpt = out / "checkpoints" / f"iter_{it:06d}"
+                    algo.save_to_path(str(ckpt))
+                    (ckpt / "DONE").write_text("")  # a crash mid-save leaves no 'latest'
+        export_policy(algo, out / "policy")
+    finally:
+        algo.stop()
+        if pool is not None:
+            pool.shutdown()
+    return cfg.run_path
