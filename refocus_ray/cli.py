@@ -5,6 +5,7 @@
     refocus data import SRC.jsonl|csv --out TABLE.parquet            validate users' QA data
     refocus prepare --config C                                       pools + feature cache
     refocus forge-reference --config C                               train the reference VLM
+    refocus train --config C [--resume] [--dry-run]                  GRPO on RLlib + vLLM
     refocus demo --config C                                          every stage, cached
 
 Each subcommand's --help says what it reads, what it writes and what to expect.
@@ -17,7 +18,12 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
+# `envs`, `jobs` and `serve` are run from the project checkout, not installed (see README)
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+if (PROJECT_ROOT / "envs" / "__init__.py").exists() and str(PROJECT_ROOT) not in sys.path:
+    sys.path.insert(0, str(PROJECT_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -95,6 +101,20 @@ def cmd_forge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from refocus_ray import pipeline
+
+    cfg = _config(args)
+    if args.dry_run:
+        from refocus_ray.train import describe_resources
+
+        print(json.dumps(describe_resources(cfg), indent=2))
+        return 0
+    res = pipeline.train_stage(cfg, resume=args.resume)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
@@ -160,6 +180,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(fo)
     fo.set_defaults(fn=cmd_forge)
+
+    tr = sub.add_parser(
+        "train", help="GRPO-train the selector on RLlib against the reference VLM (vLLM)",
+        description="RLlib env runners roll out the selector in the frame-selection env; the "
+        "reward pool (vLLM scorer actors) scores each group of G episodes in one batched call; "
+        "a GRPO learner (group-normalised advantages, clipped ratio, entropy bonus, no KL) "
+        "updates the policy; K follows the curriculum. Writes <run_dir>/train/: checkpoints/, "
+        "metrics.jsonl, training_curve.png, policy/ (safetensors + JSON) and heldout.json "
+        "(refocus vs uniform vs random at K=4 on the test split).",
+    )
+    _add_config(tr)
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from this run's last checkpoint (iteration, optimizer, "
+                    "curriculum stage, seeds)")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="validate the config and print the resources it would request")
+    tr.set_defaults(fn=cmd_train)
 
     de = sub.add_parser("demo", help="run every stage on a config, each cached (make demo)")
     _add_config(de)

@@ -9,11 +9,15 @@ directory and is cached by a fingerprint of its config and inputs (see `stages`)
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from refocus_ray.config import Config, file_hash
 from refocus_ray.stages import run_stage
+
+# the repository root: env runners import the top-level `envs` package from here
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def evidence_stage(cfg: Config) -> dict[str, Any]:
@@ -99,9 +103,45 @@ def forge_stage(cfg: Config) -> dict[str, Any]:
     return res
 
 
+def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """GRPO training, then the held-out check (refocus vs uniform vs random at K=4 on test)."""
+    import ray
+
+    from refocus_ray import heldout, plots, policy
+    from refocus_ray.reward_pool import RewardPool
+    from refocus_ray.train import reference_config, train, train_dir
+
+    def run() -> dict[str, Any]:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+        pool = RewardPool.start(reference_config(cfg))  # shared by training and the check
+        try:
+            t0 = time.time()
+            train(cfg, resume=resume)
+            seconds = time.time() - t0
+            out = train_dir(cfg)
+            plots.training_curve(out / "metrics.jsonl", out / "training_curve.png")
+            res = heldout.heldout(cfg, policy.load(out / "policy"), pool, k=4, seeds=3,
+                                  train_seconds=round(seconds, 1))
+        finally:
+            pool.shutdown()
+        return res
+
+    fp = {"train": cfg.section("train"), "policy": cfg.section("policy"),
+          "reference": cfg.section("reference"), "table": file_hash(cfg.table_path()),
+          "forge": (cfg.run_path / "forge" / "stage.json").read_text()
+          if (cfg.run_path / "forge" / "stage.json").exists() else None}
+    if resume:
+        return run()
+    return run_stage(cfg.run_path, "train", fp, run)
+
+
 def demo(cfg: Config) -> dict[str, Any]:
     """Every stage the project has, in order, each cached."""
     out = {"data": evidence_stage(cfg), "features": prepare_stage(cfg), "forge": forge_stage(cfg)}
+    if cfg.section("train"):
+        out["train"] = train_stage(cfg)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "errors"}
                       for k, v in out.items()}, indent=2))
     return out

@@ -155,3 +155,30 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
         if pool is not None:
             pool.shutdown()
     return cfg.run_path
+
+
+def describe_resources(cfg: Config) -> dict[str, Any]:
+    """What `train` would ask Ray for, from the config alone (``refocus train --dry-run``)."""
+    from refocus_ray.grpo import GRPOConfig, TrainConfig
+    from refocus_ray.policy import PolicyConfig
+    from refocus_ray.reward_pool import actor_options
+    from refocus_ray.scoring import ReferenceConfig
+
+    t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
+    ref = build(ReferenceConfig, cfg.section("reference"), "reference")
+    PolicyConfig.from_dict(cfg.section("policy"))
+    GRPOConfig  # noqa: B018 -- imported to validate that RLlib and the algorithm load
+    opts = {k: v for k, v in actor_options(ref).items() if k != "runtime_env"}
+    runners = max(t.num_env_runners, 0)
+    cpus = ref.num_actors * ref.num_cpus_per_actor + runners * 1 + 1
+    return {
+        "reward_actors": {"count": ref.num_actors, "model": ref.model, "backend": ref.backend,
+                          "each": opts},
+        "env_runners": {"count": runners, "each": {"num_cpus": 1},
+                        "episodes_in_flight_each": t.group_size * t.groups_per_env_runner,
+                        "note": "0 = sampling in the driver process"},
+        "learner": {"count": 1, "where": "the driver process (local learner)"},
+        "totals": {"CPU": cpus, "GPU": ref.num_actors * ref.num_gpus_per_actor},
+        "batch": {"groups": t.groups_per_batch, "group_size": t.group_size,
+                  "curriculum": t.curriculum, "iterations": t.iterations},
+    }
