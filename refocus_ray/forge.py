@@ -1,0 +1,652 @@
+"""Forge: train a small reference VLM here, in an architecture vLLM serves unchanged.
+
+No pretrained vision-language model installs on the embedded machines, yet the reward must come
+from a real VLM on vLLM. So we train one on the evidence benchmark's train split: an
+Idefics3ForConditionalGeneration (the architecture of SmolVLM-256M/500M/2.2B-Instruct) with a
+SigLIP-style vision tower, pixel-shuffle connector and a Llama text model, all tiny. Idefics3 is
+chosen because vLLM's Idefics3 path and its PIL image processor need no torchvision (PyPI's
+torchvision is a CUDA build that breaks beside CPU torch); Qwen2-VL, LLaVA and InternVL import
+torchvision inside vLLM.
+
+The model answers with the option's content token (``prompting`` content mode): from scratch in
+~10 minutes it learns to recognise objects but not to point at letters (PLATFORM.md).
+Frames reach the model only through `preprocess_frames`, in training and in every scorer, so the
+pixels it was trained on are the pixels it is scored on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from refocus_ray import prompting
+from refocus_ray.dataset import read_table, resolve_video
+from refocus_ray.video import decode_pool
+
+RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+SPECIAL_TOKENS = [
+    "<|pad|>", "<|endoftext|>", "<image>", "<fake_token_around_image>", "<global-img>",
+    "<end_of_utterance>",
+] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # fmt: skip
+IMAGE_TOKEN = "<image>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}"
+)
+CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
+EVAL_K = (4, 8)
+
+
+@dataclass
+class ForgeConfig:
+    """How to forge the reference model; defaults are the embedded setting (2 cores, <10 min)."""
+
+    frame_size: int = 56  # frames are squashed to frame_size x frame_size (PIL, `resample`)
+    resample: str = "bilinear"
+    patch_size: int = 14
+    scale_factor: int = 4  # pixel shuffle: (56/14)^2 / 4^2 = 1 visual token per frame
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    seed: int = 0
+    text_layers: int = 4
+    hidden_size: int = 256
+    heads: int = 4
+    kv_heads: int = 2
+    head_dim: int = 64  # vLLM's CPU attention kernels want a common head size
+    mlp_size: int = 512
+    vision_layers: int = 2
+    vision_width: int = 192
+    vision_heads: int = 3
+    vocab_size: int = 1024
+    answer_mode: str = "content"  # "content" | "letter" (see refocus_ray.prompting)
+    max_frames: int = 128  # the candidate pool: at most max_frames at at most max_fps
+    max_fps: float = 4.0
+    min_k: int = 4  # training subsets have min_k..max_k chronological frames
+    max_k: int = 32
+    p_evidence: float = 0.55  # share of training subsets forced to hold all evidence
+    # curriculum: the first `curriculum` share of steps trains "appear" (one object) only, with
+    # evidence always present and K <= warm_k; then all families, and K's upper bound grows
+    # to max_k by the `ramp` share of steps
+    curriculum: float = 0.15
+    warm_k: int = 8
+    ramp: float = 0.5
+    eval_subsets: int = 4  # per question, K and condition in evaluate_forge
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"ForgeConfig: {msg}")
+
+        for name in ("frame_size", "patch_size", "scale_factor", "steps", "batch_size",
+                     "text_layers", "hidden_size", "heads", "kv_heads", "head_dim", "mlp_size",
+                     "vision_layers", "vision_width", "vision_heads", "max_frames", "min_k",
+                     "eval_subsets", "threads"):  # fmt: skip
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.frame_size % (self.patch_size * self.scale_factor):
+            bad(f"frame_size {self.frame_size} must be a multiple of patch_size * scale_factor")
+        if self.resample not in RESAMPLE:
+            bad(f"resample must be one of {sorted(RESAMPLE)}, got {self.resample!r}")
+        if self.answer_mode not in prompting.MODES:
+            bad(f"answer_mode must be one of {prompting.MODES}, got {self.answer_mode!r}")
+        if self.heads % self.kv_heads or self.vision_width % self.vision_heads:
+            bad("heads must be a multiple of kv_heads and vision_width of vision_heads")
+        if not self.min_k <= self.max_k <= self.max_frames:
+            bad(f"need min_k <= max_k <= max_frames, got {self.min_k}, {self.max_k}")
+        if not (self.lr > 0 and self.max_fps > 0 and self.warmup_steps >= 0):
+            bad("lr and max_fps must be > 0, warmup_steps >= 0")
+        if not (0 <= self.p_evidence <= 1 and 0 <= self.curriculum <= self.ramp <= 1):
+            bad("need 0 <= p_evidence <= 1 and 0 <= curriculum <= ramp <= 1")
+        if not self.min_k <= self.warm_k <= self.max_k:
+            bad(f"need min_k <= warm_k <= max_k, got warm_k={self.warm_k}")
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 64:
+            bad(f"vocab_size {self.vocab_size} is too small for a byte-level BPE")
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path) -> ForgeConfig:
+        """The config a forged checkpoint was trained with."""
+        return cls(**json.loads((Path(checkpoint_dir) / CONFIG_FILE).read_text()))
+
+
+# ---------------------------------------------------------------- frames
+
+
+def preprocess_frames(frames: np.ndarray, cfg: ForgeConfig) -> np.ndarray:
+    """Squash-resize uint8 [k, H, W, 3] frames to [k, s, s, 3] with one fixed PIL resample.
+
+    The only way frames reach the forged model, in training and in every scorer.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [k, H, W, 3], got {frames.dtype} {frames.shape}")
+    s = cfg.frame_size
+    if frames.shape[1:3] == (s, s):
+        return frames
+    resample = Image.Resampling(RESAMPLE[cfg.resample])
+    return np.stack([np.asarray(Image.fromarray(f).resize((s, s), resample)) for f in frames])
+
+
+def pixel_lut() -> np.ndarray:
+    """uint8 -> float32 pixel value, computed as the image processor does (rescale, normalize).
+
+    A lookup table keeps training fast and bit-identical to the processor vLLM runs.
+    """
+    v = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    return (v - np.float32(0.5)) / np.float32(0.5)
+
+
+def to_pixels(frames: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Preprocessed uint8 [..., s, s, 3] frames -> float32 [..., 3, s, s] model pixels."""
+    return np.moveaxis(lut[frames], -1, -3)
+
+
+# ---------------------------------------------------------------- tokenizer, model, processor
+
+
+def train_tokenizer(texts: Sequence[str], required: Sequence[str], vocab_size: int):
+    """Byte-level BPE trained offline; every `required` string must come out as one token.
+
+    Required strings (answer surfaces such as " cat", " three", " A") are repeated in the corpus
+    so BPE merges them whole; if one still splits, that is an error naming it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = list(texts) + [" ".join([r.strip()] * 4) for r in sorted(set(required))] * 400
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>", chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+    split = [r for r in required if len(fast.encode(r, add_special_tokens=False)) != 1]
+    if split:
+        raise ValueError(f"tokenizer: these answer strings are not single tokens: {split[:10]}")
+    return fast
+
+
+def build_model(cfg: ForgeConfig, tokenizer):
+    """A random-init Idefics3ForConditionalGeneration of the configured size."""
+    import torch
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
+
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": tokenizer.bos_token_id}  # fmt: skip
+    vision = Idefics3VisionConfig(
+        hidden_size=cfg.vision_width, intermediate_size=4 * cfg.vision_width,
+        num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
+        image_size=cfg.frame_size, patch_size=cfg.patch_size,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.mlp_size,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, max_position_embeddings=2048,
+        tie_word_embeddings=True, **ids,
+    )  # fmt: skip
+    config = Idefics3Config(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), scale_factor=cfg.scale_factor,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tie_word_embeddings=True,
+        **ids,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    return Idefics3ForConditionalGeneration(config)
+
+
+def build_processor(cfg: ForgeConfig, tokenizer, splitting: int | None = None):
+    """Idefics3Processor with the PIL image processor; no torchvision anywhere.
+
+    The forge feeds pre-resized s x s frames, so resize is the identity and splitting is off.
+    `splitting` (a longest edge) turns on SmolVLM-style tiling, for cluster-shaped test models.
+    """
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_pil_idefics3 import (
+        Idefics3ImageProcessorPil,
+    )
+
+    s = cfg.frame_size
+    images = Idefics3ImageProcessorPil(
+        size={"longest_edge": splitting or s}, max_image_size={"longest_edge": s},
+        do_image_splitting=bool(splitting), resample=RESAMPLE[cfg.resample],
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
+    )  # fmt: skip
+    seq_len = (s // cfg.patch_size) ** 2 // cfg.scale_factor**2
+    return Idefics3Processor(
+        image_processor=images, tokenizer=tokenizer, image_seq_len=seq_len,
+        chat_template=CHAT_TEMPLATE,
+    )  # fmt: skip
+
+
+def init_model(cfg: ForgeConfig, texts: Sequence[str], required: Sequence[str]):
+    """(tokenizer, processor, random-init model) for a corpus and its single-token answers."""
+    tok = train_tokenizer(texts, required, cfg.vocab_size)
+    return tok, build_processor(cfg, tok), build_model(cfg, tok)
+
+
+def save_checkpoint(model, processor, cfg: ForgeConfig, out: str | Path) -> Path:
+    """An HF directory that vLLM and transformers load unchanged, plus forge_config.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    # pin the PIL backend so a machine with torchvision loads the very same preprocessing
+    pp = out / "processor_config.json"
+    conf = json.loads(pp.read_text())
+    conf["image_processor"]["image_processor_type"] = "Idefics3ImageProcessorPil"
+    pp.write_text(json.dumps(conf, indent=2))
+    (out / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    return out
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Question:
+    qid: str
+    video_id: str
+    family: str
+    question: str
+    options: list[str]
+    answer: int
+    evidence: list[np.ndarray]  # per evidence segment: pool positions inside it
+
+
+def _evidence_positions(times: np.ndarray, spans: Sequence[dict[str, float]]) -> list[np.ndarray]:
+    """Pool positions per span; frame time t is in a span iff start_s <= t < end_s."""
+    return [np.flatnonzero((times >= s["start_s"]) & (times < s["end_s"])) for s in spans]
+
+
+def load_pools(
+    table_path: str | Path, rows: Sequence[dict[str, Any]], cache: Path, cfg: ForgeConfig
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """video_id -> (preprocessed pool frames uint8 [F, s, s, 3], frame times [F] s).
+
+    Decoded once at native size, squashed by `preprocess_frames`, cached as .npz in `cache`.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for r in rows:
+        vid = r["video_id"]
+        if vid in pools:
+            continue
+        f = cache / f"{vid}.npz"
+        if not f.exists():
+            path = resolve_video(table_path, r["video_path"])
+            info, idx, frames = decode_pool(path, cfg.max_frames, cfg.max_fps)
+            np.savez(f, frames=preprocess_frames(frames, cfg), times=idx / info.fps)
+        with np.load(f) as z:
+            pools[vid] = (z["frames"], z["times"])
+    return pools
+
+
+def _questions(rows, pools) -> list[Question]:
+    return [
+        Question(r["question_id"], r["video_id"], r["family"], r["question"], r["options"],
+                 r["answer"], _evidence_positions(pools[r["video_id"]][1], r["evidence"]))
+        for r in rows
+    ]  # fmt: skip
+
+
+def sample_subset(
+    rng: np.random.Generator, n_pool: int, evidence: list[np.ndarray], k: int, with_evidence: bool
+) -> np.ndarray | None:
+    """Chronological k pool positions holding >= 1 frame of every evidence segment, or none.
+
+    None when impossible (more segments than k, a segment without pool frames, too few
+    non-evidence frames).
+    """
+    all_ev = np.unique(np.concatenate(evidence)) if evidence else np.zeros(0, int)
+    if with_evidence:
+        if len(evidence) > k or any(len(e) == 0 for e in evidence) or k > n_pool:
+            return None
+        picks = np.unique([rng.choice(e) for e in evidence])
+        rest = np.setdiff1d(np.arange(n_pool), picks)
+        fill = rng.choice(rest, k - len(picks), replace=False)
+        return np.sort(np.concatenate([picks, fill]))
+    rest = np.setdiff1d(np.arange(n_pool), all_ev)
+    if len(rest) < k:
+        return None
+    return np.sort(rng.choice(rest, k, replace=False))
+
+
+# ---------------------------------------------------------------- training
+
+
+class _Batcher:
+    """Builds model inputs exactly as the Idefics3 processor would, without its per-call cost."""
+
+    def __init__(self, tokenizer, processor, cfg: ForgeConfig) -> None:
+        dummy = Image.new("RGB", (cfg.frame_size, cfg.frame_size))
+        self.block = processor(text=IMAGE_TOKEN, images=[dummy])["input_ids"][0]
+        self.tok, self.cfg, self.lut = tokenizer, cfg, pixel_lut()
+        self.text_ids: dict[str, list[int]] = {}
+
+    def text(self, q: Question) -> list[int]:
+        if q.qid not in self.text_ids:
+            prompt = prompting.build_prompt(q.question, q.options, 0, self.cfg.answer_mode, "")
+            self.text_ids[q.qid] = self.tok.encode(prompt, add_special_tokens=False)
+        return self.text_ids[q.qid]
+
+    def __call__(self, items: Sequence[tuple[Question, np.ndarray]]):
+        """items: (question, preprocessed frames [k, s, s, 3]) -> tensors, last positions."""
+        import torch
+
+        seqs = [list(self.block) * len(fr) + self.text(q) for q, fr in items]
+        n, width = len(seqs), max(map(len, seqs))
+        ids = torch.full((n, width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        kmax, s = max(len(fr) for _, fr in items), self.cfg.frame_size
+        pix = np.zeros((n, kmax, 3, s, s), np.float32)  # all-zero images are padding to HF
+        for i, (_, fr) in enumerate(items):
+            pix[i, : len(fr)] = to_pixels(fr, self.lut)
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        return ids, mask, torch.from_numpy(pix), last
+
+
+def _option_logits(model, batch, option_ids):
+    """Full-vocab logits at each sequence's last position, and the option logits z."""
+    import torch
+
+    ids, mask, pix, last = batch
+    h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pix).last_hidden_state
+    logits = model.lm_head(h[torch.arange(len(last)), last])
+    width = max(map(len, option_ids))  # questions have 2-4 options: pad z with -inf
+    idx = torch.tensor([o + [o[0]] * (width - len(o)) for o in option_ids])
+    pad = torch.tensor([[j >= len(o) for j in range(width)] for o in option_ids])
+    return logits, logits.gather(1, idx).masked_fill(pad, float("-inf"))
+
+
+def _schedule(step: int, cfg: ForgeConfig) -> tuple[bool, int, float]:
+    """(single-object family only?, largest K, share with evidence) at this step.
+
+    Learning to recognise one object among few frames first makes everything after it train
+    (from scratch, mixing all families and K up to 32 at once stayed near chance for 400 steps).
+    """
+    c, r = cfg.curriculum * cfg.steps, cfg.ramp * cfg.steps
+    if step < c:
+        return True, cfg.warm_k, 1.0
+    grow = min(1.0, (step - c) / max(1.0, r - c))
+    return False, round(cfg.warm_k + grow * (cfg.max_k - cfg.warm_k)), cfg.p_evidence
+
+
+def _draw_k(rng: np.random.Generator, lo: int, hi: int) -> int:
+    """Subset size, log-uniform in [lo, hi]: small K (where evidence is scarce) dominates.
+
+    One K per step keeps a batch free of padding, halving the cost of a step.
+    """
+    return round(math.exp(rng.uniform(math.log(lo), math.log(hi + 0.49))))
+
+
+def _draw(rng, qs_by_family, families, k: int, p_ev: float, pools):
+    """One training example: a question and a chronological k-subset of its pool."""
+    while True:
+        fam = families[rng.integers(len(families))]
+        q = qs_by_family[fam][rng.integers(len(qs_by_family[fam]))]
+        frames = pools[q.video_id][0]
+        with_ev = q.family == "global" or rng.random() < p_ev
+        pos = sample_subset(rng, len(frames), q.evidence, min(k, len(frames)), with_ev)
+        if pos is not None:
+            return q, frames[pos], with_ev
+
+
+def _loss(logits, z, target, answer_tok, with_ev):
+    """With evidence: cross-entropy on the answer (its token over the vocabulary, and over the
+    options). Without: cross-entropy to the uniform distribution over the options.
+
+    Supervising evidence-free subsets with the true answer teaches the model to recognise the
+    *video* (its background footage) and recall the answer: train accuracy without evidence
+    reached 95% while val stayed at chance. A uniform target there makes evidence the only way
+    to be right, and is the calibration the reward needs (no evidence, no margin).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ce = F.cross_entropy(logits, answer_tok, reduction="none")
+    ce = ce + F.cross_entropy(z, target, reduction="none")
+    valid = torch.isfinite(z)
+    logp = torch.log_softmax(z, -1).masked_fill(~valid, 0.0)
+    uniform = -logp.sum(-1) / valid.sum(-1)
+    return torch.where(with_ev, ce, uniform).mean()
+
+
+def _recent(log: list[dict[str, Any]]) -> str:
+    tot: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for x in log:
+        for fam, (h, n) in x["with_evidence_hits"].items():
+            tot[fam][0] += h
+            tot[fam][1] += n
+    return " ".join(f"{f} {h / n:.2f}" for f, (h, n) in sorted(tot.items()))
+
+
+def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None = None) -> Path:
+    """Train the reference model on the table's train split; return the checkpoint dir.
+
+    out_dir gets ``checkpoint/`` (an HF directory vLLM and transformers load unchanged),
+    ``frames_<size>_<resample>/`` (the decoded pool cache) and ``train_log.json``.
+    """
+    import torch
+
+    cfg = cfg or ForgeConfig()
+    out = Path(out_dir)
+    torch.set_num_threads(cfg.threads)
+    rows = [r for r in read_table(table_path).to_pylist() if r["split"] == "train"]
+    if not rows:
+        raise ValueError(f"{table_path}: no train rows to forge on")
+    t0 = time.time()
+    pools = load_pools(table_path, rows, out / f"frames_{cfg.frame_size}_{cfg.resample}", cfg)
+    cache_s = time.time() - t0
+    qs = _questions(rows, pools)
+    modes = prompting.MODES
+    texts = [prompting.build_prompt(q.question, q.options, 0, m, "") for q in qs for m in modes]
+    required = sorted(
+        {s for q in qs for m in modes for s in prompting.answer_surfaces(q.options, m)}
+    )
+    tok, processor, model = init_model(cfg, texts, required)
+    model.train()
+    batcher = _Batcher(tok, processor, cfg)
+    option_ids = {q.qid: prompting.scored_token_ids(tok, q.options, cfg.answer_mode) for q in qs}
+
+    by_family: dict[str, list[Question]] = defaultdict(list)
+    for q in qs:
+        by_family[q.family].append(q)
+    families = sorted(by_family)
+    first = ["appear"] if "appear" in by_family else families
+    rng = np.random.default_rng(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * p))
+
+    log, t0 = [], time.time()
+    for step in range(cfg.steps):
+        warm, kmax, p_ev = _schedule(step, cfg)
+        k = _draw_k(rng, cfg.min_k, kmax)
+        fams = first if warm else families
+        drawn = [_draw(rng, by_family, fams, k, p_ev, pools) for _ in range(cfg.batch_size)]
+        items = [(q, fr) for q, fr, _ in drawn]
+        logits, z = _option_logits(model, batcher(items), [option_ids[q.qid] for q, _ in items])
+        target = torch.tensor([q.answer for q, _ in items])
+        answer_tok = torch.tensor([option_ids[q.qid][q.answer] for q, _ in items])
+        loss = _loss(logits, z, target, answer_tok, torch.tensor([w for _, _, w in drawn]))
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        hit = (z.argmax(-1) == target).tolist()
+        fam_hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # with evidence only
+        for h, (q, _, w) in zip(hit, drawn):
+            if w:
+                fam_hits[q.family][0] += h
+                fam_hits[q.family][1] += 1
+        log.append({"step": step, "k": k, "loss": round(loss.item(), 4),
+                    "acc": round(float(np.mean(hit)), 3), "with_evidence_hits": fam_hits,
+                    "seconds": round(time.time() - t0, 1)})  # fmt: skip
+        if step % 50 == 0 or step == cfg.steps - 1:
+            print(f"forge step {step}/{cfg.steps} K<={kmax} loss {loss.item():.3f} "
+                  f"{time.time() - t0:.0f}s; train acc with evidence, last 50 steps: "
+                  f"{_recent(log[-50:])}", flush=True)  # fmt: skip
+    train_s = time.time() - t0
+    ckpt = save_checkpoint(model.eval(), processor, cfg, out / "checkpoint")
+    meta = {"train_seconds": round(train_s, 1), "cache_seconds": round(cache_s, 1),
+            "train_questions": len(qs), "params": sum(p.numel() for p in model.parameters()),
+            "log": log}  # fmt: skip
+    (out / "train_log.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _chance(qs: Sequence[Question], mode: str) -> float:
+    """max(1/#options, share of the most frequent answer) (content or position, per mode)."""
+    keys = [q.options[q.answer] if mode == "content" else q.answer for q in qs]
+    top = Counter(keys).most_common(1)[0][1] / len(qs)
+    return max(float(np.mean([1 / len(q.options) for q in qs])), top)
+
+
+def _summary(scores: list[tuple[list[float], int]]) -> tuple[float | None, float | None]:
+    if not scores:
+        return None, None
+    z = [(np.asarray(s), a) for s, a in scores]
+    acc = float(np.mean([int(np.argmax(s) == a) for s, a in z]))
+    margin = float(np.mean([s[a] - np.max(np.delete(s, a)) for s, a in z]))
+    return round(acc, 4), round(margin, 4)
+
+
+def evaluate_forge(
+    checkpoint_dir: str | Path,
+    table_path: str | Path,
+    cfg: ForgeConfig | None = None,
+    split: str = "val",
+    scorer=None,
+) -> dict[str, Any]:
+    """Score K = 4 and 8 subsets with and without evidence through vLLM; write the report.
+
+    The report goes to ``forge_report.json`` next to the checkpoint directory. `scorer` (a
+    `VLLMScorer`) may be passed to reuse a running engine.
+    """
+    from refocus_ray.vllm_scoring import VLLMScorer
+
+    ckpt = Path(checkpoint_dir)
+    cfg = cfg or ForgeConfig.load(ckpt)
+    rows = [r for r in read_table(table_path).to_pylist() if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{table_path}: no {split} rows to evaluate")
+    pools = load_pools(table_path, rows, ckpt.parent / f"frames_{cfg.frame_size}_{cfg.resample}",
+                       cfg)  # fmt: skip
+    qs = _questions(rows, pools)
+    rng = np.random.default_rng([cfg.seed, 1])
+    jobs = []  # (question, k, with_evidence, positions)
+    for q in qs:
+        for k in EVAL_K:
+            for with_ev in (True, False) if q.family != "global" else (True,):
+                for _ in range(cfg.eval_subsets):
+                    pos = sample_subset(rng, len(pools[q.video_id][0]), q.evidence, k, with_ev)
+                    if pos is not None:
+                        jobs.append((q, k, with_ev, pos))
+    own = scorer is None
+    scorer = scorer or VLLMScorer(ckpt, max_frames=max(EVAL_K))
+    t0 = time.time()
+    try:
+        z = scorer.score([(pools[q.video_id][0][p], q.question, q.options) for q, _, _, p in jobs])
+    finally:
+        if own:
+            scorer.close()
+    score_s = time.time() - t0
+
+    groups: dict[tuple[str, int, bool], list] = defaultdict(list)
+    for (q, k, with_ev, _), s in zip(jobs, z):
+        groups[(q.family, k, with_ev)].append((s, q.answer))
+    by_fam: dict[str, list[Question]] = defaultdict(list)
+    for q in qs:
+        by_fam[q.family].append(q)
+    per_family = []
+    for fam in sorted(by_fam):
+        for k in EVAL_K:
+            aw, mw = _summary(groups[(fam, k, True)])
+            an, mn = _summary(groups[(fam, k, False)])
+            per_family.append({
+                "family": fam, "k": k, "acc_with_evidence": aw, "acc_without_evidence": an,
+                "chance": round(_chance(by_fam[fam], cfg.answer_mode), 4),
+                "margin_with_evidence": mw, "margin_without_evidence": mn,
+                "n_with": len(groups[(fam, k, True)]), "n_without": len(groups[(fam, k, False)]),
+                "max_segments": max(len(q.evidence) for q in by_fam[fam]),
+            })  # fmt: skip
+    w = [g for key, g in groups.items() if key[2]]
+    n = [g for key, g in groups.items() if not key[2]]
+    aw, mw = _summary([x for g in w for x in g])
+    an, mn = _summary([x for g in n for x in g])
+    n_wo = sum(f["n_without"] for f in per_family)
+    chance = sum(f["chance"] * f["n_without"] for f in per_family) / max(1, n_wo)
+    log = ckpt.parent / "train_log.json"
+    report = {
+        "split": split, "answer_mode": cfg.answer_mode, "k": list(EVAL_K),
+        "acc_with_evidence": aw, "acc_without_evidence": an,
+        "chance": round(chance, 4),  # per-family chance weighted by n_without
+        "margin_with_evidence": mw, "margin_without_evidence": mn,
+        "train_seconds": json.loads(log.read_text())["train_seconds"] if log.exists() else None,
+        "score_seconds": round(score_s, 1), "prompts": len(jobs),
+        "per_family": per_family,
+    }  # fmt: skip
+    (ckpt.parent / "forge_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+# ---------------------------------------------------------------- cluster-shaped test models
+
+RANDOM_ARCHS = ("idefics3",)
+
+
+def build_random_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random-init model of a cluster architecture, saved as an HF dir (plumbing tests).
+
+    ``idefics3`` is the architecture of SmolVLM-256M/500M/2.2B-Instruct and Idefics3-8B, with
+    SmolVLM-style image tiling on (frames are not pre-resized), scored in letter mode.
+    Qwen2.5-VL and InternVL3 are not offered: vLLM's code for both imports torchvision.
+    """
+    if arch not in RANDOM_ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {RANDOM_ARCHS}")
+    cfg = ForgeConfig(frame_size=64, patch_size=16, text_layers=2, seed=seed, answer_mode="letter")
+    letters = [" " + c for c in prompting.LETTERS[:8]]
+    words = ["Which object appears in the video?", "How many objects appear?", "Options:"]
+    texts = [prompting.build_prompt(w, ["cat", "dog", "moon", "page"], 0, "letter", "")
+             for w in words]  # fmt: skip
+    tok = train_tokenizer(texts, letters, 512)
+    processor = build_processor(cfg, tok, splitting=2 * cfg.frame_size)
+    out = save_checkpoint(build_model(cfg, tok).eval(), processor, cfg, Path(out_dir))
+    (out / CONFIG_FILE).unlink()  # not forged: scorers pass frames as they are
+    return out

@@ -1,0 +1,158 @@
+"""Forge: prompt validation, train/score pixel identity, vLLM vs transformers, cluster plumbing.
+
+The vLLM tests start real engines (~20 s each, CPU), one per module-scoped fixture, and are
+skipped where vllm is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():  # fmt: skip
+    os.environ.setdefault(_k, _v)
+
+torch = pytest.importorskip("torch")
+
+from refocus_ray import forge, prompting
+
+QUESTION = "Which of these objects appears in the video?"
+OPTIONS = ["cat", "coffee", "rocket", "motorcycle"]
+TOL = 1e-4  # fp32 vLLM vs fp32 transformers, log-prob units
+
+
+def _frames(k: int, seed: int = 0) -> np.ndarray:
+    """Native-size frames (the benchmark writes 160x120): the scorer must resize them itself."""
+    return np.random.default_rng(seed).integers(0, 256, (k, 120, 160, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny untrained forged checkpoint: (dir, cfg, tokenizer, processor, model)."""
+    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1)
+    texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, m, "") for m in prompting.MODES]
+    required = sorted({s for m in prompting.MODES for s in prompting.answer_surfaces(OPTIONS, m)})
+    tok, proc, model = forge.init_model(cfg, texts, required)
+    ckpt = forge.save_checkpoint(model.eval(), proc, cfg, tmp_path_factory.mktemp("forged") / "c")
+    return ckpt, cfg, tok, proc, model.eval()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="answer_mode"):
+        forge.ForgeConfig(answer_mode="logits")
+    with pytest.raises(ValueError, match="frame_size"):
+        forge.ForgeConfig(frame_size=50)
+    with pytest.raises(ValueError, match="min_k"):
+        forge.ForgeConfig(min_k=40)
+
+
+def test_prompt_rejects_multi_token_option(tiny):
+    tok = tiny[2]
+    with pytest.raises(prompting.PromptError, match=r"option 1 \('xylophonequartz'\).*tokens"):
+        prompting.scored_token_ids(tok, ["cat", "xylophonequartz"], "content")
+    assert len(prompting.scored_token_ids(tok, ["cat", "xylophonequartz"], "letter")) == 2
+
+
+def test_prompt_rejects_options_sharing_a_token(tiny):
+    with pytest.raises(prompting.PromptError, match=r"options 0 \('cat'\) and 2 \('cat '\) share"):
+        prompting.scored_token_ids(tiny[2], ["cat", "rocket", "cat "], "content")
+    with pytest.raises(prompting.PromptError, match="answer mode"):
+        prompting.build_prompt("q", ["a", "b"], 1, "logit", "<image>")
+
+
+def test_every_answer_word_is_one_token(tiny):
+    tok = tiny[2]
+    for mode in prompting.MODES:
+        ids = prompting.scored_token_ids(tok, OPTIONS, mode)
+        assert len(set(ids)) == len(OPTIONS)
+
+
+def test_training_and_scoring_feed_identical_pixels_and_tokens(tiny):
+    """What training feeds the model == what the vLLM path's HF processor produces."""
+    from transformers import AutoProcessor
+
+    from refocus_ray.vllm_scoring import IMAGE_PLACEHOLDER, engine_images
+
+    ckpt, cfg, tok, proc, _ = tiny
+    native = _frames(5)
+    q = forge.Question("q0", "v0", "appear", QUESTION, OPTIONS, 1, [])
+    ids, _, pix, _ = forge._Batcher(tok, proc, cfg)([(q, forge.preprocess_frames(native, cfg))])
+
+    loaded = AutoProcessor.from_pretrained(ckpt)  # what vLLM builds from the checkpoint
+    prompt = prompting.build_prompt(QUESTION, OPTIONS, 5, cfg.answer_mode,
+                                    IMAGE_PLACEHOLDER["idefics3"])  # fmt: skip
+    enc = loaded(text=prompt, images=engine_images(native, forge.ForgeConfig.load(ckpt)),
+                 return_tensors="pt")  # fmt: skip
+    assert enc["pixel_values"].shape == (1, 5, 3, cfg.frame_size, cfg.frame_size)
+    assert torch.equal(enc["pixel_values"], pix)
+    assert enc["input_ids"][0].tolist() == ids[0].tolist()
+
+
+def test_preprocess_is_idempotent_and_validates(tiny):
+    cfg = tiny[1]
+    small = forge.preprocess_frames(_frames(3), cfg)
+    assert small.shape == (3, cfg.frame_size, cfg.frame_size, 3) and small.dtype == np.uint8
+    assert np.array_equal(forge.preprocess_frames(small, cfg), small)
+    with pytest.raises(ValueError, match="uint8"):
+        forge.preprocess_frames(small.astype(np.float32), cfg)
+
+
+def test_sample_subset_includes_or_excludes_evidence():
+    rng = np.random.default_rng(0)
+    ev = [np.arange(10, 13), np.arange(50, 52)]
+    for _ in range(50):
+        pos = forge.sample_subset(rng, 100, ev, 4, True)
+        assert len(pos) == 4 and np.all(np.diff(pos) > 0)
+        assert all(np.isin(e, pos).any() for e in ev)
+        neg = forge.sample_subset(rng, 100, ev, 8, False)
+        assert not np.isin(neg, np.concatenate(ev)).any()
+    assert forge.sample_subset(rng, 100, ev, 1, True) is None  # 2 segments do not fit in K=1
+
+
+@pytest.fixture(scope="module")
+def forged_engine(tiny):
+    pytest.importorskip("vllm")
+    from refocus_ray.vllm_scoring import VLLMScorer
+
+    scorer = VLLMScorer(tiny[0], max_frames=8)
+    yield scorer
+    scorer.close()
+
+
+def test_vllm_scores_equal_transformers_fp32(tiny, forged_engine):
+    _, cfg, tok, proc, model = tiny
+    reqs = [(_frames(k, seed=k), QUESTION, OPTIONS) for k in (1, 4, 8)]
+    z_vllm = np.array(forged_engine.score(reqs))
+    ids = prompting.scored_token_ids(tok, OPTIONS, cfg.answer_mode)
+    batcher = forge._Batcher(tok, proc, cfg)
+    for (frames, _, _), zv in zip(reqs, z_vllm):
+        q = forge.Question("q", "v", "appear", QUESTION, OPTIONS, 0, [])
+        with torch.no_grad():
+            logits, _ = forge._option_logits(
+                model, batcher([(q, forge.preprocess_frames(frames, cfg))]), [ids]
+            )
+        z_hf = torch.log_softmax(logits[0].double(), -1)[ids].numpy()
+        assert np.abs(z_hf - zv).max() < TOL, (z_hf, zv)
+    assert forged_engine.score([]) == []
+
+
+def test_random_cluster_model_scores_in_letter_mode(tmp_path):
+    """SmolVLM-shaped Idefics3 with image tiling, frames at native size, letter answers."""
+    pytest.importorskip("vllm")
+    from refocus_ray.vllm_scoring import VLLMScorer
+
+    ckpt = forge.build_random_model("idefics3", tmp_path / "idefics3")
+    assert not (ckpt / forge.CONFIG_FILE).exists()
+    scorer = VLLMScorer(ckpt, max_frames=4)
+    try:
+        assert scorer.mode == "letter"
+        z = scorer.score([(_frames(k), QUESTION, ["cat", "dog", "moon"][:k]) for k in (2, 3)])
+    finally:
+        scorer.close()
+    assert [len(s) for s in z] == [2, 3]
+    assert np.isfinite(np.concatenate(z)).all()
+    with pytest.raises(ValueError, match="unknown architecture"):
+        forge.build_random_model("qwen2_5_vl", tmp_path / "q")
