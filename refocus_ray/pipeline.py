@@ -137,6 +137,18 @@ def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:
     return run_stage(cfg.run_path, "train", fp, run)
 
 
+def evaluate_stage(cfg: Config, checkpoint: str | Path | None = None,
+                   split: str | None = None) -> dict[str, Any]:
+    """The trained selector against the baselines on a split (`evaluate.evaluate`); re-runs
+    when the config, checkpoint, reference/answerer or data change. Inside a run, finished
+    (method, K, model) results are kept, so an interrupted evaluation resumes."""
+    from refocus_ray import evaluate
+
+    ckpt = evaluate.checkpoint_dir(cfg, checkpoint)
+    fp = evaluate.fingerprint(cfg, ckpt, split)
+    return run_stage(cfg.run_path, "eval", fp, lambda: evaluate.evaluate(cfg, ckpt, split))
+
+
 def demo(cfg: Config) -> dict[str, Any]:
     """Every stage the project has, in order, each cached."""
     out = {"data": evidence_stage(cfg), "features": prepare_stage(cfg), "forge": forge_stage(cfg)}
