@@ -6,7 +6,10 @@
     refocus prepare --config C                                       pools + feature cache
     refocus forge-reference --config C                               train the reference VLM
     refocus train --config C [--resume] [--dry-run]                  GRPO on RLlib + vLLM
+    refocus evaluate --config C [--checkpoint DIR]                   selector vs baselines
+    refocus export --config C [--checkpoint DIR] [--k K ...]         DBs/Parquet for harnesses
     refocus demo --config C                                          every stage, cached
+    refocus serve --checkpoint DIR [--media-root PATH ...]           the selector over HTTP
 
 Each subcommand's --help says what it reads, what it writes and what to expect.
 The same stages run on a cluster with `ray job submit --working-dir . -- python -m jobs.<stage>`.
@@ -115,10 +118,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from refocus_ray import pipeline
+
+    cfg = _config(args)
+    res = pipeline.evaluate_stage(cfg, checkpoint=args.checkpoint, split=args.split)
+    print(res["table"])
+    for method, why in res.get("skipped_methods", {}).items():
+        print(f"{method} not run: {why}")
+    print(f"report: {res['report']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from refocus_ray.export import export, lmms_docs_key_fn
+
+    cfg = _config(args)
+    res = export(cfg, args.checkpoint, args.split, ks=args.k, n_rollouts=args.rollouts,
+                 steps=args.steps, seed=args.seed, candidate=args.candidate,
+                 key_fn=lmms_docs_key_fn(args.lmms_docs) if args.lmms_docs else None,
+                 out_dir=args.out)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
     pipeline.demo(_config(args))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
+    import ray
+    import yaml
+    from ray import serve as ray_serve
+
+    from refocus_ray.config import ConfigError
+    from serve.app import build_app
+
+    app_args = {"checkpoint": args.checkpoint, "config": args.config, "host": args.host,
+                "set": {k: yaml.safe_load(v) for k, _, v in
+                        (item.partition("=") for item in args.set or [])}}
+    if args.media_root:
+        app_args["media_roots"] = args.media_root
+    try:
+        application = build_app(app_args)
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"config error: {e}") from None
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+    ray_serve.start(http_options={"host": args.host, "port": args.port})
+    print(f"serving on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
+    ray_serve.run(application, name="refocus", route_prefix="/", blocking=True)
     return 0
 
 
@@ -198,9 +252,69 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validate the config and print the resources it would request")
     tr.set_defaults(fn=cmd_train)
 
+    ev_ = sub.add_parser(
+        "evaluate", help="compare the trained selector with uniform, random, diverse, "
+        "relevance-diverse and framewise baselines",
+        description="On a split (default test) at K = 4, 8, 16, 32 (those that fit the pools): "
+        "uniform, random, diverse (k-center), relevance-diverse (training-free, query-aware), "
+        "framewise (every frame scored alone by the reference model, label-free), refocus "
+        "(sample, greedy, best-of-N, shuffled questions). Answered by the reference model and "
+        "the `answerer:` model if configured. Writes <run_dir>/eval/: eval.json, eval.md, "
+        "accuracy_vs_k.png, recall plots, examples/*.png. Resumes an interrupted run; cached "
+        "as a stage. Prints the comparison table and the report path.",
+    )
+    _add_config(ev_)
+    ev_.add_argument("--checkpoint", help="policy dir (model.safetensors + policy.json); "
+                     "default evaluate.checkpoint or <run_dir>/train/policy")
+    ev_.add_argument("--split", choices=("train", "val", "test"),
+                     help="default evaluate.split (test)")
+    ev_.set_defaults(fn=cmd_evaluate)
+
+    ex = sub.add_parser(
+        "export", help="write the selector's frames for eval harnesses (shelve DBs, Parquet)",
+        description="Sample --rollouts rollouts of --steps picks per question and write "
+        "the released ReFoCUS evaluation's shelve DBs (selection/DB, frameidx/cand<c>_nf<K>/DB; "
+        "keys json.dumps((context, doc))), selections.parquet and selections.jsonl "
+        "(video_id, question_id, k, frame_indices, timestamps_s). Pools with at most "
+        "pool.uniform_fallback_frames frames, or shorter than --steps, fall back to uniform.",
+    )
+    _add_config(ex)
+    ex.add_argument("--checkpoint", help="policy dir; default <run_dir>/train/policy")
+    ex.add_argument("--split", default="test", choices=("train", "val", "test"))
+    ex.add_argument("--k", type=int, nargs="+", default=[32], help="frames per question "
+                    "(one frame-index DB per K; each <= --steps)")
+    ex.add_argument("--rollouts", type=int, default=4, help="rollouts per question (paper: 64)")
+    ex.add_argument("--steps", type=int, default=32, help="picks per rollout (paper: 64)")
+    ex.add_argument("--candidate", type=int, default=0, help="rollout exported as frames")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--lmms-docs", help="JSONL of {question_id, context, doc} from an "
+                    "lmms-eval task: key the DBs as lmms-eval does")
+    ex.add_argument("--out", help="output dir; default <run_dir>/export/<split>")
+    ex.set_defaults(fn=cmd_export)
+
     de = sub.add_parser("demo", help="run every stage on a config, each cached (make demo)")
     _add_config(de)
     de.set_defaults(fn=cmd_demo)
+
+    sv = sub.add_parser(
+        "serve", help="serve a trained selector over HTTP (Ray Serve; docs/serving.md)",
+        description="Start a Ray Serve application: POST /v1/select (video path under a media "
+        "root, or an upload, + question -> K frame indices, timestamps, probabilities), "
+        "POST /v1/answer (when serve.answer_model is set), GET /healthz, /readyz, /v1/models, "
+        "/docs. Binds 127.0.0.1 unless --host says otherwise; a non-loopback host needs a "
+        "bearer token ($REFOCUS_SERVE_TOKEN or serve.token_file). Other settings: the config's "
+        "serve: section (see refocus_ray/service.py ServeConfig) or --set serve.KEY=VALUE.",
+    )
+    sv.add_argument("--checkpoint", default="runs/embedded/train/policy",
+                    help="exported policy directory (model.safetensors + policy.json)")
+    _add_config(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--media-root", action="append", metavar="PATH",
+                    help="directory `path` requests may read (repeatable); none: uploads only")
+    sv.add_argument("--address", default=None,
+                    help="Ray cluster to join (default: start a local Ray instance)")
+    sv.set_defaults(fn=cmd_serve)
     return ap
 
 
