@@ -34,7 +34,7 @@ def train_dir(cfg: Config) -> Path:
 
 def latest_checkpoint(cfg: Config) -> Path | None:
     """The newest complete checkpoint of this run (by iteration), if any."""
-    d = train_dir(cfg) / "checkpoints"
+    d = train_dir(cfg).resolve() / "checkpoints"
     done = [p for p in d.glob("iter_*") if CHECKPOINT_RE.search(p.name)
             and (p / "DONE").exists()] if d.exists() else []
     return max(done, key=lambda p: p.name, default=None)
@@ -107,7 +107,7 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
     from refocus_ray.grpo import GRPOConfig, TrainConfig
 
     t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
-    out = train_dir(cfg)
+    out = train_dir(cfg).resolve()  # RLlib reads checkpoint paths as URIs: absolute only
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     metrics = out / "metrics.jsonl"
     if not ray.is_initialized():
