@@ -151,6 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback
+    import signal
+
     import ray
     import yaml
     from ray import serve as ray_serve
@@ -170,9 +172,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}})
+
+    def stop(signum: int, frame: object) -> None:  # `docker stop`/systemd: like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     ray_serve.start(http_options={"host": args.host, "port": args.port})
     print(f"serving on http://{args.host}:{args.port} (docs: /docs); Ctrl-C stops", flush=True)
-    ray_serve.run(application, name="refocus", route_prefix="/", blocking=True)
+    try:
+        ray_serve.run(application, name="refocus", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
     return 0
 
 
