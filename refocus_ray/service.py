@@ -29,7 +29,6 @@ import ipaddress
 import json
 import math
 import os
-import queue
 import secrets
 import shutil
 import tempfile
@@ -46,6 +45,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from refocus_ray.config import Config, ConfigError, _one_of, _positive, build, load_config
+from refocus_ray.video import run_isolated
 
 if TYPE_CHECKING:
     from refocus_ray.features import PoolFeatures
@@ -666,46 +666,7 @@ def file_sha256(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------ isolated decoding
-
-
-def _isolated_call(out: Any, fn: Callable[..., Any], args: tuple) -> None:
-    try:
-        out.put(("ok", fn(*args)))
-    except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises VideoError
-        out.put(("error", f"{type(e).__name__}: {e}".splitlines()[0][:500]))
-
-
-def run_isolated(fn: Callable[..., Any], args: tuple, timeout_s: float, what: str) -> Any:
-    """`fn(*args)` in a child of the decoder forkserver (`video.decode_isolated`'s): a
-    segfault, abort or hang there becomes a `VideoError` naming `what`; we keep running.
-    `fn` must be importable by reference (a module-level function)."""
-    from refocus_ray.video import VideoError, _context
-
-    ctx = _context()
-    q = ctx.Queue(maxsize=1)
-    proc = ctx.Process(target=_isolated_call, args=(q, fn, args), daemon=True)
-    proc.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                status, payload = q.get(timeout=0.05)
-                break
-            except queue.Empty:
-                if not proc.is_alive() and q.empty():
-                    raise VideoError(f"{what}: decoder crashed (exit code {proc.exitcode})"
-                                     ) from None
-                if time.monotonic() > deadline:
-                    raise VideoError(f"{what}: decoding timed out after {timeout_s:.0f} s"
-                                     ) from None
-    finally:
-        proc.join(1)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    if status != "ok":
-        raise VideoError(f"{what}: {payload}")
-    return payload
+# (run_isolated lives in refocus_ray.video, shared with the prepare pipeline)
 
 
 def _decode_frames(path: str, indices: list[int], max_side: int) -> np.ndarray:

@@ -97,11 +97,23 @@ def _reason(path: str, exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300] + " (truncated or corrupt stream?)"
 
 
-def _worker(out: mp.Queue, path: str, max_frames: int, max_fps: float, size: int | None) -> None:
+def _checked_decode_pool(path: str, max_frames: int, max_fps: float, size: int | None):
+    """`decode_pool`, with failures explained (runs in the isolated child)."""
     try:
-        out.put(("ok", decode_pool(path, max_frames, max_fps, size)))
+        return decode_pool(path, max_frames, max_fps, size)
+    except VideoError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- turned into a readable reason
+        raise VideoError(_reason(path, e)[:500]) from None
+
+
+def _isolated_call(out: mp.Queue, fn, args: tuple) -> None:
+    try:
+        out.put(("ok", fn(*args)))
+    except VideoError as e:
+        out.put(("error", str(e)))
     except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises VideoError
-        out.put(("error", _reason(path, e)[:500]))
+        out.put(("error", f"{type(e).__name__}: {e}".splitlines()[0][:500]))
 
 
 def _context() -> mp.context.BaseContext:
@@ -109,6 +121,37 @@ def _context() -> mp.context.BaseContext:
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["refocus_ray.video", "decord", "numpy"])
     return ctx
+
+
+def run_isolated(fn, args: tuple, timeout_s: float, what: str):
+    """`fn(*args)` in a child forked from the decoder forkserver: a segfault, abort or hang
+    there becomes a `VideoError` naming `what`, and the caller keeps running. `fn` must be a
+    module-level function (it is sent to the child by reference)."""
+    ctx = _context()
+    q = ctx.Queue(maxsize=1)
+    proc = ctx.Process(target=_isolated_call, args=(q, fn, args), daemon=True)
+    proc.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                status, payload = q.get(timeout=0.05)
+                break
+            except queue.Empty:
+                if not proc.is_alive() and q.empty():
+                    raise VideoError(f"{what}: decoder crashed (exit code {proc.exitcode})"
+                                     ) from None
+                if time.monotonic() > deadline:
+                    raise VideoError(f"{what}: decoding timed out after {timeout_s:.0f} s"
+                                     ) from None
+    finally:
+        proc.join(1)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    if status != "ok":
+        raise VideoError(f"{what}: {payload}")
+    return payload
 
 
 def decode_isolated(
@@ -122,26 +165,4 @@ def decode_isolated(
     p = str(path)
     if not os.path.isfile(p):
         raise VideoError(f"{p}: file not found")
-    ctx = _context()
-    q = ctx.Queue(maxsize=1)
-    proc = ctx.Process(target=_worker, args=(q, p, max_frames, max_fps, size), daemon=True)
-    proc.start()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                status, payload = q.get(timeout=0.05)
-                break
-            except queue.Empty:
-                if not proc.is_alive() and q.empty():
-                    raise VideoError(f"{p}: decoder crashed (exit code {proc.exitcode})") from None
-                if time.monotonic() > deadline:
-                    raise VideoError(f"{p}: decoding timed out after {timeout_s:.0f} s") from None
-    finally:
-        proc.join(1)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-    if status != "ok":
-        raise VideoError(f"{p}: {payload}")
-    return payload
+    return run_isolated(_checked_decode_pool, (p, max_frames, max_fps, size), timeout_s, p)

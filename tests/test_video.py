@@ -42,7 +42,7 @@ def test_decoder_crash_is_contained(clip_dir, monkeypatch):
         os.kill(os.getpid(), signal.SIGSEGV)
 
     monkeypatch.setattr(video, "_context", lambda: __import__("multiprocessing").get_context("fork"))
-    monkeypatch.setattr(video, "decode_pool", crash)
+    monkeypatch.setattr(video, "decode_pool", crash)  # reached through the isolated child
     with pytest.raises(VideoError, match="decoder crashed"):
         video.decode_isolated(clip_dir / "short.mp4", 128, 4.0, timeout_s=30)
 
