@@ -144,6 +144,14 @@ class ScorerActor:
                 out.append(e)
         return out
 
+    def prefetch(self, requests: list[ScoreRequest]) -> int:
+        """Decode the frames of `requests` into the backend's frame store without scoring
+        (benchmarks separate decoding from the engine; rollouts may warm the next videos)."""
+        store = getattr(self.backend, "store", None)
+        for r in requests if store is not None else []:
+            store.get(r.video, r.frames)
+        return len(requests)
+
     def get_stats(self) -> dict[str, Any]:
         return {**self.stats.summary(), "restarted": self.restarted, "pid": os.getpid()}
 

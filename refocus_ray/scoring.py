@@ -41,7 +41,7 @@ class ReferenceConfig:
     resources: dict[str, float] = field(default_factory=dict)
     cpu_cores: list[int] = field(default_factory=list)  # pin the engine's threads (2-core boxes)
     max_batch: int = 64
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 20.0  # wait this long for other callers' requests to join a batch
     openai_url: str = "http://127.0.0.1:8000/v1"
     pool_name: str = "refocus-scorer"
     gpu_memory_utilization: float = 0.85
