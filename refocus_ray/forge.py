@@ -22,7 +22,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ CHAT_TEMPLATE = (
 )
 CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
 EVAL_K = (4, 8)
+COUNT_WORDS = ("one", "two", "three", "four")  # the evidence benchmark's count answers
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ForgeConfig:
     resample: str = "bilinear"
     patch_size: int = 14
     scale_factor: int = 4  # pixel shuffle: (56/14)^2 / 4^2 = 1 visual token per frame
-    steps: int = 1000
+    steps: int = 1200
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -77,7 +78,16 @@ class ForgeConfig:
     max_fps: float = 4.0
     min_k: int = 4  # training subsets have min_k..max_k chronological frames
     max_k: int = 32
-    p_evidence: float = 0.55  # share of training subsets forced to hold all evidence
+    p_evidence: float = 0.6  # share of training subsets forced to hold all evidence
+    # share of those that show only part of the evidence where the table alone still fixes
+    # the answer for the frames shown (see `_partial`); content mode also shuffles options
+    p_partial: float = 0.3
+    augment: bool = False  # training-time only: random flip, crop and colour per frame
+    # how often each question family is drawn after the curriculum (others: 1.0); the
+    # multi-segment families learn slowest, "global" (any frame answers it) fastest
+    family_weights: dict[str, float] = field(
+        default_factory=lambda: {"first": 1.5, "after": 1.5, "count": 2.0, "global": 0.25}
+    )
     # curriculum: the first `curriculum` share of steps trains "appear" (one object) only, with
     # evidence always present and K <= warm_k; then all families, and K's upper bound grows
     # to max_k by the `ramp` share of steps
@@ -113,6 +123,10 @@ class ForgeConfig:
             bad("need 0 <= p_evidence <= 1 and 0 <= curriculum <= ramp <= 1")
         if not self.min_k <= self.warm_k <= self.max_k:
             bad(f"need min_k <= warm_k <= max_k, got warm_k={self.warm_k}")
+        if not 0 <= self.p_partial <= 1:
+            bad(f"p_partial must be in [0, 1], got {self.p_partial}")
+        if any(w < 0 for w in self.family_weights.values()):
+            bad(f"family_weights must be >= 0, got {self.family_weights}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 64:
             bad(f"vocab_size {self.vocab_size} is too small for a byte-level BPE")
 
@@ -322,18 +336,21 @@ def sample_subset(
     None when impossible (more segments than k, a segment without pool frames, too few
     non-evidence frames).
     """
-    all_ev = np.unique(np.concatenate(evidence)) if evidence else np.zeros(0, int)
     if with_evidence:
-        if len(evidence) > k or any(len(e) == 0 for e in evidence) or k > n_pool:
-            return None
-        picks = np.unique([rng.choice(e) for e in evidence])
-        rest = np.setdiff1d(np.arange(n_pool), picks)
-        fill = rng.choice(rest, k - len(picks), replace=False)
-        return np.sort(np.concatenate([picks, fill]))
-    rest = np.setdiff1d(np.arange(n_pool), all_ev)
-    if len(rest) < k:
+        return _subset(rng, n_pool, evidence, [], k)
+    return _subset(rng, n_pool, [], evidence, k)
+
+
+def _subset(rng, n_pool: int, include: list[np.ndarray], exclude: list[np.ndarray], k: int):
+    """k sorted positions with >= 1 from each `include` group and none from any `exclude` one."""
+    if len(include) > k or any(len(e) == 0 for e in include):
         return None
-    return np.sort(rng.choice(rest, k, replace=False))
+    picks = np.unique([rng.choice(e) for e in include]).astype(int)
+    banned = np.concatenate([picks, *exclude]) if exclude else picks
+    rest = np.setdiff1d(np.arange(n_pool), banned)
+    if len(rest) < k - len(picks):
+        return None
+    return np.sort(np.concatenate([picks, rng.choice(rest, k - len(picks), replace=False)]))
 
 
 # ---------------------------------------------------------------- training
@@ -406,16 +423,81 @@ def _draw_k(rng: np.random.Generator, lo: int, hi: int) -> int:
     return round(math.exp(rng.uniform(math.log(lo), math.log(hi + 0.49))))
 
 
-def _draw(rng, qs_by_family, families, k: int, p_ev: float, pools):
+def _draw(rng, qs_by_family, families, k: int, p_ev: float, pools, cfg: ForgeConfig):
     """One training example: a question and a chronological k-subset of its pool."""
+    w = np.array([cfg.family_weights.get(f, 1.0) for f in families])
+    weights = w / w.sum() if len(families) > 1 else None
     while True:
-        fam = families[rng.integers(len(families))]
+        fam = families[0] if weights is None else families[rng.choice(len(families), p=weights)]
         q = qs_by_family[fam][rng.integers(len(qs_by_family[fam]))]
         frames = pools[q.video_id][0]
         with_ev = q.family == "global" or rng.random() < p_ev
-        pos = sample_subset(rng, len(frames), q.evidence, min(k, len(frames)), with_ev)
+        part = _partial(rng, q) if with_ev and rng.random() < cfg.p_partial else None
+        if part is not None:
+            q, keep, drop = part
+            pos = _subset(rng, len(frames), keep, drop, min(k, len(frames)))
+        else:
+            pos = sample_subset(rng, len(frames), q.evidence, min(k, len(frames)), with_ev)
+        if cfg.answer_mode == "content":
+            q = _shuffled(rng, q)
         if pos is not None:
             return q, frames[pos], with_ev
+
+
+def _partial(rng: np.random.Generator, q: Question):
+    """(question, segments to show, segments to hide) for partial evidence with a known answer.
+
+    Counterfactuals break the lookup "this question text -> this answer" that 168 training
+    questions per family invite (train 92% vs val chance on "first" without them):
+    - count: j of the c present listed objects shown -> the answer for these frames is j;
+    - first, two listed objects: only the later one shown -> it is the first one seen.
+    None for other questions (the table does not say which segment shows which object).
+    """
+    ev = q.evidence
+    c = len(ev)
+    if (
+        q.family == "count"
+        and 2 <= c <= len(COUNT_WORDS)
+        and q.options[q.answer] == COUNT_WORDS[c - 1]
+    ):
+        j = int(rng.integers(1, c))
+        keep = set(rng.choice(c, j, replace=False).tolist())
+        if COUNT_WORDS[j - 1] in q.options:
+            q2 = dataclasses.replace(q, answer=q.options.index(COUNT_WORDS[j - 1]))
+            return q2, [ev[i] for i in keep], [ev[i] for i in range(c) if i not in keep]
+    if q.family == "first" and c == 2 and len(q.options) == 2:
+        return dataclasses.replace(q, answer=1 - q.answer), [ev[1]], [ev[0]]
+    return None
+
+
+def _shuffled(rng: np.random.Generator, q: Question) -> Question:
+    """The same question with its options in a random order (content mode: order is moot)."""
+    perm = rng.permutation(len(q.options)).tolist()
+    return dataclasses.replace(
+        q,
+        qid=f"{q.qid}#{''.join(map(str, perm))}",
+        options=[q.options[i] for i in perm],
+        answer=perm.index(q.answer),
+    )
+
+
+def augment(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
+    """Random flip, crop (75-100% of the side, resized back) and colour gain, per frame.
+
+    Training only, after `preprocess_frames`. Without it the model memorised each train
+    video's object variants (train 93% vs val 40% on "which appears first"); the benchmark's
+    own variants are flips, crops and colour jitter, so this teaches what stays the same.
+    """
+    s = frames.shape[1]
+    out = np.empty_like(frames)
+    for i, f in enumerate(frames):
+        c = int(s * rng.uniform(0.75, 1.0))
+        x, y = rng.integers(0, s - c + 1, size=2)
+        img = Image.fromarray(f[y : y + c, x : x + c]).resize((s, s), Image.Resampling.BILINEAR)
+        a = np.asarray(img, np.float32) * rng.uniform(0.8, 1.2) * rng.uniform(0.9, 1.1, 3)
+        a = np.clip(a + 0.5, 0, 255).astype(np.uint8)
+        out[i] = a[:, ::-1] if rng.random() < 0.5 else a
+    return out
 
 
 def _loss(logits, z, target, answer_tok, with_ev):
@@ -473,7 +555,13 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     tok, processor, model = init_model(cfg, texts, required)
     model.train()
     batcher = _Batcher(tok, processor, cfg)
-    option_ids = {q.qid: prompting.scored_token_ids(tok, q.options, cfg.answer_mode) for q in qs}
+    ids_cache: dict[tuple[str, ...], list[int]] = {}
+
+    def option_ids(q: Question) -> list[int]:
+        key = tuple(q.options)
+        if key not in ids_cache:
+            ids_cache[key] = prompting.scored_token_ids(tok, q.options, cfg.answer_mode)
+        return ids_cache[key]
 
     by_family: dict[str, list[Question]] = defaultdict(list)
     for q in qs:
@@ -494,11 +582,13 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         warm, kmax, p_ev = _schedule(step, cfg)
         k = _draw_k(rng, cfg.min_k, kmax)
         fams = first if warm else families
-        drawn = [_draw(rng, by_family, fams, k, p_ev, pools) for _ in range(cfg.batch_size)]
+        drawn = [_draw(rng, by_family, fams, k, p_ev, pools, cfg) for _ in range(cfg.batch_size)]
+        if cfg.augment:
+            drawn = [(q, augment(rng, fr), w) for q, fr, w in drawn]
         items = [(q, fr) for q, fr, _ in drawn]
-        logits, z = _option_logits(model, batcher(items), [option_ids[q.qid] for q, _ in items])
+        logits, z = _option_logits(model, batcher(items), [option_ids(q) for q, _ in items])
         target = torch.tensor([q.answer for q, _ in items])
-        answer_tok = torch.tensor([option_ids[q.qid][q.answer] for q, _ in items])
+        answer_tok = torch.tensor([option_ids(q)[q.answer] for q, _ in items])
         loss = _loss(logits, z, target, answer_tok, torch.tensor([w for _, _, w in drawn]))
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_at(step)
