@@ -24,20 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from _timing import best_of
 
 
 def main() -> None:
@@ -71,11 +63,11 @@ def main() -> None:
 
         out = run(True)
         same = torch.equal(out.chosen, run(False).chosen)  # also warms up
-        t_cache = _best(lambda: run(True), args.repeat)
-        t_full = _best(lambda: run(False), args.repeat)
+        t_cache = best_of(lambda: run(True), args.repeat)
+        t_full = best_of(lambda: run(False), args.repeat)
         # the learner's teacher-forced pass on the same picks (forward only) and its agreement
         with torch.no_grad():
-            t_re = _best(lambda p=policy, c=out.chosen: p.rescore(batch, c), args.repeat)
+            t_re = best_of(lambda p=policy, c=out.chosen: p.rescore(batch, c), args.repeat)
             diff = float((policy.rescore(batch, out.chosen).logp - out.logp).abs().max())
         res[name] = {"ms_cache": 1e3 * t_cache, "ms_recompute": 1e3 * t_full,
                      "ratio": t_full / t_cache, "same_picks": same,

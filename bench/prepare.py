@@ -16,21 +16,13 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from _timing import best_of
 
 
 def main() -> None:
@@ -54,8 +46,8 @@ def main() -> None:
         write_mp4(clip, iter(small), 8.0, 23)
         pool = decode_pool(clip, args.max_frames, 4.0, 112)[2]
         n = len(pool)
-        t_dec = _best(lambda: decode_pool(clip, args.max_frames, 4.0, 112))
-        t_iso = _best(lambda: decode_isolated(clip, args.max_frames, 4.0, 112))
+        t_dec = best_of(lambda: decode_pool(clip, args.max_frames, 4.0, 112))
+        t_iso = best_of(lambda: decode_isolated(clip, args.max_frames, 4.0, 112))
     res = {"pool_frames": n, "decode_fps": n / t_dec, "decode_isolated_fps": n / t_iso,
            "isolation_overhead_ratio": t_iso / t_dec}
     for size in (112, 160):
@@ -64,7 +56,7 @@ def main() -> None:
             np.stack([np.resize(f, (size, size, 3)) for f in pool[:64]])
         )
         enc(x[:8])  # warm-up
-        t = _best(lambda enc=enc, x=x: enc(x), repeat=2)
+        t = best_of(lambda enc=enc, x=x: enc(x), repeat=2)
         res[f"encode_fps_{size}px"] = len(x) / t
     print(f"pool of {n} frames from a 2-minute 160x120 h264 clip")
     print(f"decode (decord, in-process):   {res['decode_fps']:8.0f} frames/s")

@@ -320,6 +320,12 @@ def load_pools(
     return pools
 
 
+def cache_dir(out: str | Path, cfg: ForgeConfig) -> Path:
+    """Where pools are cached: keyed by everything that changes the cached pixels."""
+    name = f"frames_{cfg.frame_size}_{cfg.resample}_{cfg.max_frames}f_{cfg.max_fps:g}fps"
+    return Path(out) / name
+
+
 def _questions(rows, pools) -> list[Question]:
     return [
         Question(r["question_id"], r["video_id"], r["family"], r["question"], r["options"],
@@ -360,8 +366,8 @@ class _Batcher:
     """Builds model inputs exactly as the Idefics3 processor would, without its per-call cost."""
 
     def __init__(self, tokenizer, processor, cfg: ForgeConfig) -> None:
-        dummy = Image.new("RGB", (cfg.frame_size, cfg.frame_size))
-        self.block = processor(text=IMAGE_TOKEN, images=[dummy])["input_ids"][0]
+        blank = Image.new("RGB", (cfg.frame_size, cfg.frame_size))
+        self.block = processor(text=IMAGE_TOKEN, images=[blank])["input_ids"][0]
         self.tok, self.cfg, self.lut = tokenizer, cfg, pixel_lut()
         self.text_ids: dict[str, list[int]] = {}
 
@@ -533,7 +539,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     """Train the reference model on the table's train split; return the checkpoint dir.
 
     out_dir gets ``checkpoint/`` (an HF directory vLLM and transformers load unchanged),
-    ``frames_<size>_<resample>/`` (the decoded pool cache) and ``train_log.json``.
+    ``frames_*/`` (the decoded pool cache, see `cache_dir`) and ``train_log.json``.
     """
     import torch
 
@@ -544,7 +550,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     if not rows:
         raise ValueError(f"{table_path}: no train rows to forge on")
     t0 = time.time()
-    pools = load_pools(table_path, rows, out / f"frames_{cfg.frame_size}_{cfg.resample}", cfg)
+    pools = load_pools(table_path, rows, cache_dir(out, cfg), cfg)
     cache_s = time.time() - t0
     qs = _questions(rows, pools)
     modes = prompting.MODES
@@ -656,8 +662,7 @@ def evaluate_forge(
     rows = [r for r in read_table(table_path).to_pylist() if r["split"] == split]
     if not rows:
         raise ValueError(f"{table_path}: no {split} rows to evaluate")
-    pools = load_pools(table_path, rows, ckpt.parent / f"frames_{cfg.frame_size}_{cfg.resample}",
-                       cfg)  # fmt: skip
+    pools = load_pools(table_path, rows, cache_dir(ckpt.parent, cfg), cfg)
     qs = _questions(rows, pools)
     rng = np.random.default_rng([cfg.seed, 1])
     jobs = []  # (question, k, with_evidence, positions)

@@ -704,7 +704,7 @@ def sample_rows(policy: SelectorPolicy, batch: PolicyBatch, ks: Sequence[int],
     each row draws its noise from its own generator, exactly as `policy.sample` draws it for a
     batch of one (`rand([1, F_row])` per step), so a seeded request returns the same frames
     alone or batched. The math (prompt pass, pointer scores, masking, Gumbel-max) is the
-    policy's own methods; rows that reached their k keep stepping with a finite dummy logit and
+    policy's own methods; rows that reached their k keep stepping with a finite placeholder logit and
     their later steps are discarded.
     """
     import torch
