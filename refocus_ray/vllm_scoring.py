@@ -70,7 +70,9 @@ class VLLMScorer:
         self.mode = answer_mode or default_mode
         if self.mode not in prompting.MODES:
             raise prompting.PromptError(f"answer mode must be one of {prompting.MODES}")
-        model_type = json.loads((self.model_dir / "config.json").read_text())["model_type"]
+        config = json.loads((self.model_dir / "config.json").read_text())
+        model_type = config["model_type"]
+        max_pos = config.get("text_config", config).get("max_position_embeddings", 4096)
         if model_type not in IMAGE_PLACEHOLDER:
             raise ValueError(f"{model_dir}: no image placeholder known for {model_type!r}")
         self.image_token = IMAGE_PLACEHOLDER[model_type]
@@ -79,7 +81,7 @@ class VLLMScorer:
             model=str(self.model_dir),
             dtype=dtype,
             enforce_eager=enforce_eager,
-            max_model_len=max_model_len or 256 + 64 * max_frames,
+            max_model_len=max_model_len or min(max_pos, 256 + 64 * max_frames),
             limit_mm_per_prompt={"image": max_frames},
             **llm_kwargs,
         )
