@@ -34,7 +34,7 @@ from refocus_ray.dataset import read_table, resolve_video
 from refocus_ray.video import decode_pool
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-SPECIAL_TOKENS = [
+SPECIAL_TOKENS = [  # Idefics3 processor token names (its real vocabulary, not test doubles)
     "<|pad|>", "<|endoftext|>", "<image>", "<fake_token_around_image>", "<global-img>",
     "<end_of_utterance>",
 ] + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]  # fmt: skip

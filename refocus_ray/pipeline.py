@@ -97,10 +97,7 @@ def forge_stage(cfg: Config) -> dict[str, Any]:
                 **{k: v for k, v in report.items() if k != "per_family"}}
 
     fp = {"forge": dataclasses.asdict(fcfg), "table": file_hash(cfg.table_path())}
-    res = run_stage(cfg.run_path, "forge", fp, run)
-    if not forge_checkpoint(cfg).exists():  # the stage record outlived its checkpoint
-        res = run_stage(cfg.run_path, "forge", {**fp, "rebuild": True}, run)
-    return res
+    return run_stage(cfg.run_path, "forge", fp, run, outputs=(forge_checkpoint(cfg),))
 
 
 def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:

@@ -31,10 +31,12 @@ def cached_result(run_dir: Path, name: str, fingerprint: Any) -> dict[str, Any] 
 
 def run_stage(
     run_dir: Path, name: str, fingerprint: Any, fn: Callable[[], dict[str, Any]],
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = print, outputs: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
-    """Run `fn` unless a finished run with the same fingerprint is recorded."""
-    if (res := cached_result(run_dir, name, fingerprint)) is not None:
+    """Run `fn` unless a finished run with the same fingerprint is recorded and every path in
+    `outputs` still exists (a deleted artifact re-runs its stage)."""
+    res = cached_result(run_dir, name, fingerprint)
+    if res is not None and all(Path(p).exists() for p in outputs):
         log(f"[{name}] cached (fingerprint {stable_hash(fingerprint)}), skipping")
         return res
     log(f"[{name}] running")
