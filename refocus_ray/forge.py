@@ -48,6 +48,7 @@ CHAT_TEMPLATE = (
 )
 CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
 EVAL_K = (4, 8)
+TRAIN_VIDEOS = ("all", "half0", "half1")
 
 
 @dataclass
@@ -80,6 +81,9 @@ class ForgeConfig:
     min_k: int = 4  # training subsets have min_k..max_k chronological frames
     max_k: int = 32
     p_evidence: float = 0.55  # share of training subsets forced to hold all evidence
+    # which training videos (sorted by id): "all", or alternate halves "half0" / "half1", so
+    # two forged models (the reference and the answering model) share no training video
+    train_videos: str = "all"
     # experimental, off by default (not yet measured end to end): the share of with-evidence
     # subsets that show only part of the evidence where the table alone still fixes the
     # answer for the frames shown (see `_partial`), and random option order (content mode)
@@ -125,6 +129,8 @@ class ForgeConfig:
             bad("need 0 <= p_evidence <= 1 and 0 <= curriculum <= ramp <= 1")
         if not self.min_k <= self.warm_k <= self.max_k:
             bad(f"need min_k <= warm_k <= max_k, got warm_k={self.warm_k}")
+        if self.train_videos not in TRAIN_VIDEOS:
+            bad(f"train_videos must be one of {TRAIN_VIDEOS}, got {self.train_videos!r}")
         if not 0 <= self.p_partial <= 1:
             bad(f"p_partial must be in [0, 1], got {self.p_partial}")
         if any(w < 0 for w in self.family_weights.values()):
@@ -326,6 +332,17 @@ def cache_dir(out: str | Path, cfg: ForgeConfig) -> Path:
     """Where pools are cached: keyed by everything that changes the cached pixels."""
     name = f"frames_{cfg.frame_size}_{cfg.resample}_{cfg.max_frames}f_{cfg.max_fps:g}fps"
     return Path(out) / name
+
+
+def train_rows(table_path: str | Path, which: str = "all") -> list[dict[str, Any]]:
+    """The train split's rows, or those of alternate videos (sorted ids) for "half0"/"half1"."""
+    rows = [r for r in read_table(table_path).to_pylist() if r["split"] == "train"]
+    if which != "all":
+        vids = sorted({r["video_id"] for r in rows})[int(which[-1]) :: 2]
+        rows = [r for r in rows if r["video_id"] in set(vids)]
+    if not rows:
+        raise ValueError(f"{table_path}: no train rows to forge on ({which})")
+    return rows
 
 
 def _questions(rows, pools) -> list[Question]:
@@ -540,9 +557,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     cfg = cfg or ForgeConfig()
     out = Path(out_dir)
     torch.set_num_threads(cfg.threads)
-    rows = [r for r in read_table(table_path).to_pylist() if r["split"] == "train"]
-    if not rows:
-        raise ValueError(f"{table_path}: no train rows to forge on")
+    rows = train_rows(table_path, cfg.train_videos)
     t0 = time.time()
     pools = load_pools(table_path, rows, cache_dir(out, cfg), cfg)
     cache_s = time.time() - t0
