@@ -5,6 +5,7 @@
     refocus data import SRC.jsonl|csv --out TABLE.parquet            validate users' QA data
     refocus prepare --config C                                       pools + feature cache
     refocus forge-reference --config C                               train the reference VLM
+    refocus filter --config C                                        reward-variance data filter
     refocus train --config C [--resume] [--dry-run]                  GRPO on RLlib + vLLM
     refocus evaluate --config C [--checkpoint DIR]                   selector vs baselines
     refocus export --config C [--checkpoint DIR] [--k K ...]         DBs/Parquet for harnesses
@@ -101,6 +102,22 @@ def cmd_forge(args: argparse.Namespace) -> int:
         pipeline.evidence_stage(cfg)
     res = pipeline.forge_stage(cfg)
     print(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from refocus_ray import pipeline
+    from refocus_ray.config import ConfigError
+
+    cfg = _config(args)
+    try:
+        res = pipeline.filter_stage(cfg)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    except FileNotFoundError as e:
+        raise SystemExit(f"filter: {e}") from None
+    print(json.dumps({k: v for k, v in res.items() if k != "files"}, indent=2))
+    print(f"kept table: {res['files']['kept.parquet']}")
     return 0
 
 
@@ -247,6 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(fo)
     fo.set_defaults(fn=cmd_forge)
+
+    fi = sub.add_parser(
+        "filter", help="the paper's reward-variance data filter: keep temporally sensitive "
+        "questions",
+        description="For each question of filter.splits (default train), the reference model's "
+        "reward margin under 16 frame configurations: 8 circular windows of 25%% of the pool "
+        "at 12.5%% stride and their 8 complements, filter.k frames each (default 8). Keeps "
+        "the questions whose margin variance (population) exceeds filter.threshold (default "
+        "0.2). Needs `prepare` (pools) and the reference model. Writes <run_dir>/filter/: "
+        "kept.parquet (dataset schema; `train.table: filtered` trains on it), "
+        "filter_scores.parquet, variance_hist.png, filter_summary.json (kept fraction per "
+        "family). Cached; a new threshold re-uses the stored margins.",
+    )
+    _add_config(fi)
+    fi.set_defaults(fn=cmd_filter)
 
     tr = sub.add_parser(
         "train", help="GRPO-train the selector on RLlib against the reference VLM (vLLM)",

@@ -208,6 +208,7 @@ class SelectorRLModule(TorchRLModule):
         self.source = QuerySource(**mc["query_source"])
         self._table = None
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.act_seconds = 0.0  # time spent choosing actions (policy inference), for metrics
 
     @property
     def table(self):
@@ -279,11 +280,18 @@ class SelectorRLModule(TorchRLModule):
         return {Columns.ACTIONS: torch.from_numpy(actions),
                 Columns.ACTION_LOGP: torch.from_numpy(logp)}
 
+    def _timed_act(self, batch: dict[str, Any], greedy: bool) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        try:
+            return self._act(batch, greedy)
+        finally:
+            self.act_seconds += time.perf_counter() - t0
+
     def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._act(batch, greedy=False)
+        return self._timed_act(batch, greedy=False)
 
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._act(batch, greedy=True)
+        return self._timed_act(batch, greedy=True)
 
     # -- learner side ----------------------------------------------------------------------
 
@@ -336,6 +344,14 @@ class TrainConfig:
     options_dropout: float = 0.25  # share of groups whose query hides the options
     num_env_runners: int = 0
     groups_per_env_runner: int = 4  # M: one vector env runs G * M episodes at once
+    # placement (refocus_ray/placement.py): resources per env runner and per learner
+    num_cpus_per_env_runner: float = 1.0
+    num_gpus_per_env_runner: float = 0.0
+    env_runner_resources: dict[str, float] = field(default_factory=dict)
+    num_learners: int = 0  # 0 = the learner runs in the driver process
+    num_cpus_per_learner: float = 1.0
+    num_gpus_per_learner: float = 0.0
+    learner_resources: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 10
     split: str = "train"
     seed: int | None = None  # None: the run's seed
@@ -347,8 +363,17 @@ class TrainConfig:
         for name in ("iterations", "groups_per_env_runner", "checkpoint_every", "lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(self, name)!r}")
-        if self.num_env_runners < 0:
-            raise ConfigError(f"{key}.num_env_runners: must be >= 0")
+        if self.num_env_runners < 0 or self.num_learners < 0:
+            raise ConfigError(f"{key}.num_env_runners and {key}.num_learners: must be >= 0")
+        from refocus_ray import placement
+
+        placement.check_amounts(
+            key, num_cpus_per_env_runner=self.num_cpus_per_env_runner,
+            num_gpus_per_env_runner=self.num_gpus_per_env_runner,
+            num_cpus_per_learner=self.num_cpus_per_learner,
+            num_gpus_per_learner=self.num_gpus_per_learner)
+        placement.check_custom(f"{key}.env_runner_resources", self.env_runner_resources)
+        placement.check_custom(f"{key}.learner_resources", self.learner_resources)
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"{key}.split: must be train, val or test, got {self.split!r}")
 
@@ -502,7 +527,14 @@ class GRPOConfig(AlgorithmConfig):
                 num_env_runners=t.num_env_runners,
                 num_envs_per_env_runner=t.group_size * t.groups_per_env_runner,
                 gym_env_vectorize_mode=gym.VectorizeMode.VECTOR_ENTRY_POINT,
-                num_cpus_per_env_runner=1,
+                num_cpus_per_env_runner=t.num_cpus_per_env_runner,
+                num_gpus_per_env_runner=t.num_gpus_per_env_runner,
+                custom_resources_per_env_runner=dict(t.env_runner_resources),
+            )
+            .learners(
+                num_learners=t.num_learners, num_cpus_per_learner=t.num_cpus_per_learner,
+                num_gpus_per_learner=t.num_gpus_per_learner,
+                custom_resources_per_learner=dict(t.learner_resources),
             )
             .training(
                 group_size=t.group_size, groups_per_batch=t.groups_per_batch,
@@ -522,12 +554,18 @@ class GRPOConfig(AlgorithmConfig):
 
 def _sample_round(runner: Any, k: int, cursor: int, num_episodes: int) -> tuple:
     """On one env runner: set K and the query cursor, sample whole groups, return episodes,
-    RLlib's runner metrics and the env's reward-call counters."""
+    RLlib's runner metrics and the env's counters plus this runner's time split (sampling
+    wall time, of which policy inference and waiting for the reward pool)."""
     env = runner.env.unwrapped
     env.configure(k=k, cursor=cursor, stream_offset=max((runner.worker_index or 0) - 1, 0),
                   stream_stride=max(runner.num_workers or 0, 1))
+    module = runner.module
+    policy0, t0 = getattr(module, "act_seconds", 0.0), time.perf_counter()
     episodes = runner.sample(num_episodes=num_episodes, explore=True)
-    return episodes, runner.get_metrics(), env.pop_stats()
+    stats = env.pop_stats()
+    stats["sample_s"] = time.perf_counter() - t0
+    stats["policy_s"] = getattr(module, "act_seconds", 0.0) - policy0
+    return episodes, runner.get_metrics(), stats
 
 
 class GRPO(Algorithm):
@@ -591,9 +629,11 @@ class GRPO(Algorithm):
         t_learn = time.perf_counter() - t1
 
         # 4. new weights to the env runners
+        t2 = time.perf_counter()
         if updates:
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
                                                inference_only=True)
+        t_sync = time.perf_counter() - t2
 
         # 5. metrics of this iteration
         flat = rewards.ravel()
@@ -604,7 +644,12 @@ class GRPO(Algorithm):
             "accuracy": float((flat > 0).mean()) if flat.size else float("nan"),
             "reward_group_std_mean": float(rewards.std(1).mean()) if flat.size else float("nan"),
             "updates": updates, "time_rollout_s": t_rollout, "time_learn_s": t_learn,
-            "time_reward_wait_s": env_stats["reward_wait_s"],
+            "time_sync_s": t_sync, "time_reward_wait_s": env_stats["reward_wait_s"],
+            # summed over env runners: sampling = policy + reward wait + env/connector work
+            "time_sample_s": env_stats["sample_s"], "time_policy_s": env_stats["policy_s"],
+            "reward_wait_frac": env_stats["reward_wait_s"] / max(env_stats["sample_s"], 1e-9),
+            # the learner idles while rollouts run (synchronous sampling)
+            "learner_wait_frac": t_rollout / max(t_rollout + t_learn + t_sync, 1e-9),
             "reward_calls": env_stats["reward_calls"],
             "reward_requests": env_stats["reward_requests"],
         }.items():  # fmt: skip

@@ -1,9 +1,10 @@
 """The controller: which stage runs, in what order, on which run directory.
 
-dataset -> pools + features -> (forge reference) -> rollouts/rewards -> learner -> checkpoint
--> evaluate / export / serve. Every stage reads the previous stage's artifacts from the run
-directory and is cached by a fingerprint of its config and inputs (see `stages`). The workers
-(decoders, encoders, scorers, learners) live in their own modules; this file only orders them.
+dataset -> pools + features -> (forge reference) -> (reward-variance filter) -> rollouts/rewards
+-> learner -> checkpoint -> evaluate / export / serve. Every stage reads the previous stage's
+artifacts from the run directory and is cached by a fingerprint of its config and inputs (see
+`stages`). The workers (decoders, encoders, scorers, learners) live in their own modules; this
+file only orders them.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def forge_checkpoint(cfg: Config) -> Path:
     return cfg.run_path / "forge" / "checkpoint"
 
 
+def forge_record(cfg: Config) -> str | None:
+    """The forge stage's record: part of the cache key of every stage that scores with it."""
+    f = cfg.run_path / "forge" / "stage.json"
+    return f.read_text() if f.exists() else None
+
+
 def forge_stage(cfg: Config) -> dict[str, Any]:
     """Train the embedded reference VLM on the train split, then report on val through vLLM."""
     import dataclasses
@@ -108,7 +115,7 @@ def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     from refocus_ray import heldout, plots, policy
     from refocus_ray.reward_pool import RewardPool
-    from refocus_ray.train import reference_config, train, train_dir
+    from refocus_ray.train import reference_config, train, train_dir, training_config
 
     def run() -> dict[str, Any]:
         if not ray.is_initialized():
@@ -129,11 +136,41 @@ def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     fp = {"train": cfg.section("train"), "policy": cfg.section("policy"),
           "reference": cfg.section("reference"), "table": file_hash(cfg.table_path()),
-          "forge": (cfg.run_path / "forge" / "stage.json").read_text()
-          if (cfg.run_path / "forge" / "stage.json").exists() else None}
+          "forge": forge_record(cfg)}
+    trained_on = training_config(cfg).table_path()  # train.table: filtered -> the kept subset
+    if trained_on != cfg.table_path():
+        fp["train_table"] = file_hash(trained_on)
     if resume:
         return run()
     return run_stage(cfg.run_path, "train", fp, run)
+
+
+def filter_stage(cfg: Config, scorer: Any = None, progress: bool = True) -> dict[str, Any]:
+    """The paper's reward-variance data filter (`filtering.run_filter`) on the run's table,
+    scored by the reward pool (started here unless `scorer` is given). Re-runs when the filter
+    config, reference, pools or table change; stored margins make a new threshold cheap."""
+    from refocus_ray import filtering
+
+    fp = filtering.fingerprint(cfg)  # config errors name their key before anything starts
+
+    def run() -> dict[str, Any]:
+        if scorer is not None:
+            return filtering.brief(filtering.run_filter(cfg, scorer, progress))
+        import ray
+
+        from refocus_ray.reward_pool import RewardPool
+        from refocus_ray.train import reference_config
+
+        ref = reference_config(cfg)
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        pool = RewardPool.start(ref)
+        try:
+            return filtering.brief(filtering.run_filter(cfg, pool, progress))
+        finally:
+            pool.shutdown()
+
+    return run_stage(cfg.run_path, "filter", fp, run, outputs=filtering.output_paths(cfg))
 
 
 def evaluate_stage(cfg: Config, checkpoint: str | Path | None = None,
@@ -151,6 +188,8 @@ def evaluate_stage(cfg: Config, checkpoint: str | Path | None = None,
 def demo(cfg: Config) -> dict[str, Any]:
     """Every stage the project has, in order, each cached."""
     out = {"data": evidence_stage(cfg), "features": prepare_stage(cfg), "forge": forge_stage(cfg)}
+    if cfg.section("train").get("table") == "filtered":  # training reads the filter's output
+        out["filter"] = filter_stage(cfg)
     if cfg.section("train"):
         out["train"] = train_stage(cfg)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "errors"}

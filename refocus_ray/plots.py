@@ -188,3 +188,33 @@ def recall_heatmap(hits: dict[str, list[tuple[float, float, float]]], out_png: s
     fig.savefig(out_png, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(out_png)
+
+
+def variance_histogram(variances, families: list[str], threshold: float,
+                       out_png: str | Path) -> Path:
+    """The reward-variance filter's histogram: variance of each question's 16 margins, stacked
+    by question family, the threshold marked; the legend gives each family's kept fraction."""
+    import numpy as np
+
+    plt = _pyplot()
+    var = np.asarray(variances, np.float64)
+    fam = np.asarray(families, dtype=object)
+    names = sorted(set(families))
+    top = max(float(var.max()) if len(var) else 0.0, threshold) * 1.05 or 1.0
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist([var[fam == n] for n in names] or [[]], bins=np.linspace(0, top, 41), stacked=True,
+            label=[f"{n} ({(var[fam == n] > threshold).mean():.0%} kept, n={(fam == n).sum()})"
+                   for n in names] or None)
+    ax.axvline(threshold, color="black", ls="--", lw=1.2)
+    ax.annotate(f" threshold {threshold:g}: {(var > threshold).mean() if len(var) else 0:.0%} "
+                f"of {len(var)} kept", (threshold, ax.get_ylim()[1]), va="top", fontsize=8)
+    ax.set_xlabel("variance of the reward margin over 8 windows + 8 complements")
+    ax.set_ylabel("questions")
+    ax.set_title("reward-variance filter", fontsize=9)
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)

@@ -44,16 +44,27 @@ class _Stats:
     batched_requests: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.time)
+    # where scored requests spend their time (cumulative seconds; per-request means in summary)
+    queue_wait_s: float = 0.0  # arrival -> taken into an engine batch (incl. batching window)
+    fetch_s: float = 0.0  # frames from the FrameStore (decord decode on a miss)
+    engine_s: float = 0.0  # the engine call: processor + prefill of the whole batch
+    frames_decoded: int = 0
 
     def summary(self) -> dict[str, float]:
         lat = np.asarray(self.latencies_ms[-5000:] or [0.0])
         dt = max(time.time() - self.started, 1e-9)
+        n = max(self.batched_requests, 1)
         return {
             "requests": self.requests, "requests_per_s": self.requests / dt,
             "cache_hit_rate": self.cache_hits / max(self.requests, 1),
             "mean_batch_size": self.batched_requests / max(self.batches, 1),
-            "engine_calls": self.batches,
+            "engine_calls": self.batches, "scored": self.batched_requests,
             "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+            "queue_wait_s": self.queue_wait_s, "fetch_s": self.fetch_s,
+            "engine_s": self.engine_s, "frames_decoded": self.frames_decoded,
+            "queue_wait_ms_per_request": 1e3 * self.queue_wait_s / n,
+            "fetch_ms_per_request": 1e3 * self.fetch_s / n,
+            "engine_ms_per_request": 1e3 * self.engine_s / n,
         }
 
 
@@ -70,6 +81,7 @@ class ScorerActor:
         self.cache_size = cache_size
         self.inflight: dict[str, asyncio.Future] = {}
         self.queue: list[tuple[str, ScoreRequest]] = []
+        self.arrived: dict[str, float] = {}  # key -> when it was queued (queue-wait stats)
         self.wake: asyncio.Event | None = None
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.stats = _Stats()
@@ -100,6 +112,7 @@ class ScorerActor:
             else:
                 fut = self.inflight[key] = loop.create_future()
                 self.queue.append((key, req))
+                self.arrived[key] = time.perf_counter()
             futs.append(fut)
         self.wake.set()
         out = await asyncio.gather(*futs)
@@ -115,6 +128,8 @@ class ScorerActor:
                 await asyncio.sleep(self.cfg.max_wait_ms / 1e3)  # let concurrent callers join
             while self.queue:
                 batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch:]
+                now = time.perf_counter()
+                self.stats.queue_wait_s += sum(now - self.arrived.pop(k, now) for k, _ in batch)
                 results = await loop.run_in_executor(self.executor, self._score_batch, batch)
                 self.stats.batches += 1
                 self.stats.batched_requests += len(batch)
@@ -131,11 +146,19 @@ class ScorerActor:
     def _score_batch(self, batch: list[tuple[str, ScoreRequest]]) -> list[Any]:
         """One engine call; if it fails, score one by one so only the bad request fails."""
         reqs = [r for _, r in batch]
+        store = getattr(self.backend, "store", None)
+        f0, d0 = (store.seconds, store.decoded) if store else (0.0, 0)
+        t0 = time.perf_counter()
         try:
             return self.backend.score(reqs)
         except Exception as e:  # noqa: BLE001 -- isolate the bad request below
             if len(reqs) == 1:
                 return [e]
+        finally:  # the call's time, split into frame fetching and the engine
+            fetch = store.seconds - f0 if store else 0.0
+            self.stats.fetch_s += fetch
+            self.stats.engine_s += time.perf_counter() - t0 - fetch
+            self.stats.frames_decoded += store.decoded - d0 if store else 0
         out: list[Any] = []
         for r in reqs:
             try:
@@ -172,7 +195,26 @@ def actor_options(cfg: ReferenceConfig) -> dict[str, Any]:
     }
     if cfg.resources:
         opts["resources"] = dict(cfg.resources)
+    if cfg.label_selector and not cfg.placement_strategy:  # a group carries it per bundle
+        opts["label_selector"] = dict(cfg.label_selector)
     return opts
+
+
+def placement_group_for(cfg: ReferenceConfig):
+    """One placement group over all scorer actors (``reference.placement_strategy``), or None.
+
+    A group reserves every actor's GPU at once or not at all, so a job never starts with part
+    of its engines; PACK fills GPU nodes, STRICT_SPREAD puts one engine per node.
+    """
+    if not cfg.placement_strategy:
+        return None
+    from ray.util.placement_group import placement_group
+
+    b = {"CPU": cfg.num_cpus_per_actor, "GPU": cfg.num_gpus_per_actor, **cfg.resources}
+    b = {k: float(v) for k, v in b.items() if v}
+    sel = [dict(cfg.label_selector)] * cfg.num_actors if cfg.label_selector else None
+    return placement_group([b] * cfg.num_actors, strategy=cfg.placement_strategy,
+                           name=f"{cfg.pool_name}-pg", bundle_label_selector=sel)
 
 
 class RewardPool:
@@ -182,8 +224,9 @@ class RewardPool:
     with `RewardPool.attach(cfg)`, which finds the actors by name.
     """
 
-    def __init__(self, actors: list[ray.actor.ActorHandle], cfg: ReferenceConfig) -> None:
-        self.actors, self.cfg = actors, cfg
+    def __init__(self, actors: list[ray.actor.ActorHandle], cfg: ReferenceConfig,
+                 group: Any = None) -> None:
+        self.actors, self.cfg, self.group = actors, cfg, group
         self.model_id = ray.get(actors[0].ready.remote())["model_id"]
 
     @staticmethod
@@ -192,14 +235,18 @@ class RewardPool:
 
     @classmethod
     def start(cls, cfg: ReferenceConfig) -> RewardPool:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         remote = ray.remote(ScorerActor)
-        actors = [
-            remote.options(name=cls._name(cfg, i), get_if_exists=True,
-                           **actor_options(cfg)).remote(asdict(cfg))
-            for i in range(cfg.num_actors)
-        ]
+        group = placement_group_for(cfg)
+        actors = []
+        for i in range(cfg.num_actors):
+            where = {} if group is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=i)}
+            actors.append(remote.options(name=cls._name(cfg, i), get_if_exists=True,
+                                         **actor_options(cfg), **where).remote(asdict(cfg)))
         ray.get([a.ready.remote() for a in actors])
-        return cls(actors, cfg)
+        return cls(actors, cfg, group)
 
     @classmethod
     def attach(cls, cfg: ReferenceConfig) -> RewardPool:
@@ -233,3 +280,7 @@ class RewardPool:
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)
+        if self.group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.group)

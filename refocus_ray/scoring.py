@@ -12,6 +12,7 @@ size exactly as the forge trained) and builds prompts through `prompting`, so th
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ class ReferenceConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
+    label_selector: dict[str, str] = field(default_factory=dict)  # node labels (Ray's syntax)
+    placement_strategy: str = ""  # one placement group for all actors: PACK, SPREAD, ...
     cpu_cores: list[int] = field(default_factory=list)  # pin the engine's threads (2-core boxes)
     max_batch: int = 64
     max_wait_ms: float = 20.0  # wait this long for other callers' requests to join a batch
@@ -57,6 +60,13 @@ class ReferenceConfig:
                 raise ConfigError(f"{key}.{name}: must be one of {list(allowed)}, got {value!r}")
         if self.num_actors < 1 or self.max_batch < 1:
             raise ConfigError(f"{key}.num_actors and {key}.max_batch must be >= 1")
+        from refocus_ray import placement
+
+        placement.check_amounts(key, num_cpus_per_actor=self.num_cpus_per_actor,
+                                num_gpus_per_actor=self.num_gpus_per_actor)
+        placement.check_custom(f"{key}.resources", self.resources)
+        placement.check_label_selector(f"{key}.label_selector", self.label_selector)
+        placement.check_strategy(f"{key}.placement_strategy", self.placement_strategy)
 
 
 @dataclass(frozen=True)
@@ -86,9 +96,17 @@ class FrameStore:
                  capacity: int = 200_000) -> None:
         self.transform, self.capacity = transform, capacity
         self.frames: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self.seconds, self.decoded = 0.0, 0  # time in `get` and frames decoded (cost reports)
 
     def get(self, video: str, frames: tuple[int, ...]) -> np.ndarray:
         """uint8 [k, H, W, 3] in chronological order."""
+        t0 = time.perf_counter()
+        try:
+            return self._get(video, frames)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def _get(self, video: str, frames: tuple[int, ...]) -> np.ndarray:
         from refocus_ray.video import decode
 
         order = sorted(frames)
@@ -97,6 +115,7 @@ class FrameStore:
             imgs = decode(video, missing)
             if self.transform is not None:
                 imgs = self.transform(imgs)
+            self.decoded += len(missing)
             for f, img in zip(missing, imgs):
                 self.frames[(video, f)] = img
             while len(self.frames) > self.capacity:

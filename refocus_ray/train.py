@@ -3,7 +3,8 @@
 Reads the run's cached pools and query features (``refocus prepare``) and its ``train:``,
 ``policy:`` and ``reference:`` sections; starts the reward pool (the driver owns it; env runners
 attach by name); builds the `GRPO` algorithm, or restores it with ``resume=True``; trains until
-``train.iterations``. Run it from the repository root (or with ``ray job submit --working-dir
+``train.iterations``. ``train.table`` picks the questions: ``all`` (default, the run's table) or
+``filtered`` (the reward-variance filter's kept subset, ``refocus filter``). Run it from the repository root (or with ``ray job submit --working-dir
 .``): env runners import the top-level ``envs`` package from there.
 
 Output under ``<run_dir>/train/``:
@@ -23,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from refocus_ray.config import Config, build
+from refocus_ray.config import Config, ConfigError, DataConfig, build
 
 CHECKPOINT_RE = re.compile(r"iter_(\d{6})$")
+TABLES = ("all", "filtered")  # train.table
 
 
 def train_dir(cfg: Config) -> Path:
@@ -38,6 +40,29 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     done = [p for p in d.glob("iter_*") if CHECKPOINT_RE.search(p.name)
             and (p / "DONE").exists()] if d.exists() else []
     return max(done, key=lambda p: p.name, default=None)
+
+
+def training_config(cfg: Config, check_table: bool = True) -> Config:
+    """The run config training reads: ``train.table: filtered`` swaps the QA table for the
+    filter stage's kept subset (same run dir, so the same pools and features); ``all`` keeps
+    the run's table. The held-out check always uses the run's own table."""
+    import copy
+
+    section = cfg.section("train")
+    choice = section.pop("table", "all")
+    if choice not in TABLES:
+        raise ConfigError(f"train.table: must be one of {list(TABLES)}, got {choice!r}")
+    out = copy.deepcopy(cfg)
+    out.extra["train"] = section
+    if choice == "filtered":
+        from refocus_ray.filtering import kept_table_path
+
+        kept = kept_table_path(cfg)
+        if check_table and not kept.exists():
+            raise FileNotFoundError(f"train.table is 'filtered' but {kept} does not exist; "
+                                    "run `refocus filter` with this config first")
+        out.data = DataConfig(kind="table", table=str(kept))
+    return out
 
 
 def reference_config(cfg: Config):
@@ -106,6 +131,7 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
 
     from refocus_ray.grpo import GRPOConfig, TrainConfig
 
+    cfg = training_config(cfg)
     t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
     out = train_dir(cfg).resolve()  # RLlib reads checkpoint paths as URIs: absolute only
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -164,6 +190,7 @@ def describe_resources(cfg: Config) -> dict[str, Any]:
     from refocus_ray.reward_pool import actor_options
     from refocus_ray.scoring import ReferenceConfig
 
+    cfg = training_config(cfg, check_table=False)
     t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
     ref = build(ReferenceConfig, cfg.section("reference"), "reference")
     PolicyConfig.from_dict(cfg.section("policy"))

