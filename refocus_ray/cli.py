@@ -128,7 +128,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from refocus_ray.train import describe_resources
 
-        print(json.dumps(describe_resources(cfg), indent=2))
+        plan = describe_resources(cfg)
+        print(json.dumps(plan, indent=2))
+        if not plan.get("cluster", {}).get("fits", True):
+            print(f"error: the plan does not fit cluster.nodes: {plan['cluster']['error']}",
+                  file=sys.stderr)
+            return 2
         return 0
     res = pipeline.train_stage(cfg, resume=args.resume)
     print(json.dumps(res, indent=2))
@@ -294,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from this run's last checkpoint (iteration, optimizer, "
                     "curriculum stage, seeds)")
     tr.add_argument("--dry-run", action="store_true",
-                    help="validate the config and print the resources it would request")
+                    help="validate the config and print the placement it would request "
+                    "(bundles per role, totals per resource; with cluster.nodes: whether and "
+                    "where it fits, exit 2 if not) without starting Ray")
     tr.set_defaults(fn=cmd_train)
 
     ev_ = sub.add_parser(

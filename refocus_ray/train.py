@@ -12,6 +12,11 @@ Output under ``<run_dir>/train/``:
     checkpoints/iter_000010/   RLlib checkpoints (`Algorithm.save_to_path`; they contain pickles
                                and are read only by ``resume`` of this run)
     metrics.jsonl              one JSON line per iteration (reward, accuracy, entropy, K, times)
+                               times: time_rollout_s (wall), time_learn_s, time_sync_s; summed
+                               over env runners time_sample_s = time_policy_s (inference) +
+                               time_reward_wait_s + env work; reward_wait_frac (share of
+                               sampling spent waiting for rewards), learner_wait_frac (share of
+                               the iteration the learner waits for rollouts)
     policy/                    the trained selector: safetensors + JSON (`policy.load`)
 """
 
@@ -94,7 +99,8 @@ def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
         if key in g:
             row[key] = int(g[key])
     for key in ("reward_mean", "accuracy", "reward_group_std_mean", "zero_variance_groups_frac",
-                "time_rollout_s", "time_reward_wait_s", "time_learn_s"):
+                "time_rollout_s", "time_reward_wait_s", "time_learn_s", "time_sync_s",
+                "time_sample_s", "time_policy_s", "reward_wait_frac", "learner_wait_frac"):
         if key in g:
             row[key] = num(g[key])
     for key in ("entropy", "policy_loss", "clip_frac", "approx_kl"):
@@ -184,28 +190,20 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
 
 
 def describe_resources(cfg: Config) -> dict[str, Any]:
-    """What `train` would ask Ray for, from the config alone (``refocus train --dry-run``)."""
+    """What `train` would ask Ray for, from the config alone (``refocus train --dry-run``).
+
+    Validates every section training reads, including RLlib's own checks of the algorithm
+    config (batch vs. sampling rounds), and returns `placement.plan`: bundles per role, totals
+    per resource and, with ``cluster.nodes``, whether and where they fit. Starts no Ray work.
+    """
     from refocus_ray.grpo import GRPOConfig, TrainConfig
-    from refocus_ray.policy import PolicyConfig
-    from refocus_ray.reward_pool import actor_options
-    from refocus_ray.scoring import ReferenceConfig
+    from refocus_ray.placement import plan
 
     cfg = training_config(cfg, check_table=False)
     t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
-    ref = build(ReferenceConfig, cfg.section("reference"), "reference")
-    PolicyConfig.from_dict(cfg.section("policy"))
-    GRPOConfig  # noqa: B018 -- imported to validate that RLlib and the algorithm load
-    opts = {k: v for k, v in actor_options(ref).items() if k != "runtime_env"}
-    runners = max(t.num_env_runners, 0)
-    cpus = ref.num_actors * ref.num_cpus_per_actor + runners * 1 + 1
-    return {
-        "reward_actors": {"count": ref.num_actors, "model": ref.model, "backend": ref.backend,
-                          "each": opts},
-        "env_runners": {"count": runners, "each": {"num_cpus": 1},
-                        "episodes_in_flight_each": t.group_size * t.groups_per_env_runner,
-                        "note": "0 = sampling in the driver process"},
-        "learner": {"count": 1, "where": "the driver process (local learner)"},
-        "totals": {"CPU": cpus, "GPU": ref.num_actors * ref.num_gpus_per_actor},
-        "batch": {"groups": t.groups_per_batch, "group_size": t.group_size,
-                  "curriculum": t.curriculum, "iterations": t.iterations},
-    }
+    GRPOConfig.from_run_config(cfg).validate()
+    out = plan(cfg)
+    out["batch"] = {"groups": t.groups_per_batch, "group_size": t.group_size,
+                    "episodes": t.groups_per_batch * t.group_size,
+                    "curriculum": t.curriculum, "iterations": t.iterations}
+    return out
