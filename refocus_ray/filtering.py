@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +51,24 @@ class Scorer(Protocol):
     """What the filter needs from the reward pool: option scores z per request."""
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]: ...
+
+
+class LazyScorer:
+    """A scorer started on its first request: when every margin is already stored (a new
+    threshold, a resumed run that had finished scoring) no engine is started at all."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start, self._scorer, self._lock = start, None, threading.Lock()
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        with self._lock:  # the filter calls from several threads
+            if self._scorer is None:
+                self._scorer = self._start()
+        return self._scorer.score(requests)
+
+    @property
+    def started(self) -> Any:
+        return self._scorer
 
 
 @dataclass
@@ -193,22 +213,26 @@ def _score_all(scorer: Scorer, todo: list[_Question], fcfg: FilterConfig, reward
     with (ThreadPoolExecutor(fcfg.calls_in_flight) as pool, store.open("a") as f,
           tqdm(total=len(todo), desc="filter", unit="question", disable=not progress) as bar):
         futures = [(b, pool.submit(_score, scorer, b, reward)) for b in batches]
-        for batch, fut in futures:
-            try:
-                results = list(zip(batch, fut.result()))
-            except Exception:  # noqa: BLE001 -- isolate the bad question below
-                results = []
-                for q in batch:
-                    try:
-                        results.append((q, _score(scorer, [q], reward)[0]))
-                    except Exception as e:  # noqa: BLE001 -- reported by question id, run goes on
-                        reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                        errors[q.row["question_id"]] = f"{q.requests[0].video}: {reason}"
-            for q, margins in results:
-                f.write(json.dumps({"question_id": q.row["question_id"], "key": q.key,
-                                    "margins": margins}) + "\n")
-            f.flush()
-            bar.update(len(batch))
+        try:
+            for batch, fut in futures:
+                try:
+                    results = list(zip(batch, fut.result()))
+                except Exception:  # noqa: BLE001 -- isolate the bad question below
+                    results = []
+                    for q in batch:
+                        try:
+                            results.append((q, _score(scorer, [q], reward)[0]))
+                        except Exception as e:  # noqa: BLE001 -- reported by id, the run goes on
+                            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                            errors[q.row["question_id"]] = f"{q.requests[0].video}: {reason}"
+                for q, margins in results:
+                    f.write(json.dumps({"question_id": q.row["question_id"], "key": q.key,
+                                        "margins": margins}) + "\n")
+                f.flush()
+                bar.update(len(batch))
+        finally:  # Ctrl-C: drop the queued calls instead of waiting for them
+            for _, fut in futures:
+                fut.cancel()
     return errors
 
 

@@ -161,14 +161,19 @@ def filter_stage(cfg: Config, scorer: Any = None, progress: bool = True) -> dict
         from refocus_ray.reward_pool import RewardPool
         from refocus_ray.train import reference_config
 
-        ref = reference_config(cfg)
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
-        pool = RewardPool.start(ref)
+        ref = reference_config(cfg)  # a missing checkpoint is reported before any work
+
+        def start() -> RewardPool:
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False, log_to_driver=False)
+            return RewardPool.start(ref)
+
+        pool = filtering.LazyScorer(start)  # stored margins need no engine
         try:
             return filtering.brief(filtering.run_filter(cfg, pool, progress))
         finally:
-            pool.shutdown()
+            if pool.started is not None:
+                pool.started.shutdown()
 
     return run_stage(cfg.run_path, "filter", fp, run, outputs=filtering.output_paths(cfg))
 

@@ -14,7 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from refocus_ray.config import ConfigError, load_config
-from refocus_ray.filtering import configuration_positions, configurations, filter_config
+from refocus_ray.filtering import (
+    LazyScorer,
+    configuration_positions,
+    configurations,
+    filter_config,
+)
 
 # ----------------------------------------------------------------------------- geometry
 
@@ -150,8 +155,10 @@ def test_filter_stage_end_to_end(filter_cfg, scorer):
     before = sum(s["requests"] for s in scorer.stats())
     cfg = load_config(None, {**filter_cfg, "filter": {"k": 4, "splits": ["train", "val"],
                                                      "threshold": threshold}})
-    res = filter_stage(cfg, scorer=scorer, progress=False)
+    lazy = LazyScorer(lambda: scorer)  # what the stage wraps its reward pool in
+    res = filter_stage(cfg, scorer=lazy, progress=False)
     assert sum(s["requests"] for s in scorer.stats()) == before  # nothing scored again
+    assert lazy.started is None  # so no engine would have been started
     expected = {s["question_id"] for s in scores if s["variance"] > threshold}
     kept_path = out / "kept.parquet"
     kept = read_table(kept_path)  # validates every row against the dataset schema
@@ -170,3 +177,34 @@ def test_filter_stage_end_to_end(filter_cfg, scorer):
     queries = load_query_table(QuerySource.of(tcfg, "train", min_frames=4)).queries
     assert {q.question_id for q in queries} == {
         s["question_id"] for s in scores if s["split"] == "train" and s["variance"] > threshold}
+
+
+class FailOnVideo:
+    """Injected fault: every call that includes a request on `video` raises (as a call on an
+    unreadable video would); all other calls go to the real reward pool."""
+
+    def __init__(self, inner, video: str) -> None:
+        self.inner, self.video = inner, video
+
+    def score(self, requests):
+        if any(r.video.endswith(self.video) for r in requests):
+            raise RuntimeError(f"{self.video}: injected decoding failure")
+        return self.inner.score(requests)
+
+
+@pytest.mark.vllm
+def test_a_failing_question_is_reported_and_the_rest_kept(filter_cfg, scorer):
+    from refocus_ray.pipeline import filter_stage
+
+    cfg = load_config(None, {**filter_cfg, "filter": {"k": 2}})  # k=2: margins not stored yet
+    res = filter_stage(cfg, scorer=FailOnVideo(scorer, "short.mp4"), progress=False)
+    summary = json.loads((cfg.run_path / "filter" / "filter_summary.json").read_text())
+    assert set(summary["errors"]) == {"short-q0", "short-q1", "short-q2"}
+    assert "injected decoding failure" in summary["errors"]["short-q0"]
+    assert res["n_scored"] == 6  # the other train questions, each scored once
+    # the next run scores only what failed
+    before = sum(s["requests"] for s in scorer.stats())
+    cfg = load_config(None, {**filter_cfg, "filter": {"k": 2, "threshold": 0.19}})
+    res = filter_stage(cfg, scorer=scorer, progress=False)
+    assert sum(s["requests"] for s in scorer.stats()) - before == 3 * 16
+    assert res["n_scored"] == 9 and res["errors"] == 0
