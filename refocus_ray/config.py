@@ -114,8 +114,8 @@ class Config:
         return d
 
 
-STAGE_SECTIONS = ("forge", "reference", "answerer", "policy", "train", "evaluate", "serve", "filter",
-                  "cluster")
+STAGE_SECTIONS = ("forge", "forge_answerer", "reference", "answerer", "policy", "train",
+                  "evaluate", "serve", "filter", "cluster")
 
 
 def _one_of(key: str, value: Any, allowed: tuple) -> None:

@@ -106,22 +106,12 @@ def checkpoint_dir(cfg: Config, checkpoint: str | Path | None = None) -> Path:
 
 
 def scorer_configs(cfg: Config) -> dict[str, Any]:
-    """{"reference": ReferenceConfig[, "answerer": ...]}; model "forge" = this run's forge.
+    """{"reference": ReferenceConfig[, "answerer": ...]} (see `train.scorer_config`)."""
+    from refocus_ray.train import scorer_config
 
-    The answerer gets its own pool name unless the section sets one, so its actors never
-    collide with (or silently reuse) the reference pool's."""
-    from refocus_ray.scoring import ReferenceConfig
-    from refocus_ray.train import reference_config
-
-    out = {"reference": reference_config(cfg)}
+    out = {"reference": scorer_config(cfg, "reference")}
     if cfg.section("answerer"):
-        section = {"pool_name": "refocus-answerer", **cfg.section("answerer")}
-        ans = build(ReferenceConfig, section, "answerer")
-        if ans.model == "forge":
-            from refocus_ray.pipeline import forge_checkpoint
-
-            ans.model = str(forge_checkpoint(cfg).resolve())
-        out["answerer"] = ans
+        out["answerer"] = scorer_config(cfg, "answerer")
     return out
 
 

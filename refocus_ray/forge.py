@@ -49,6 +49,7 @@ CHAT_TEMPLATE = (
 CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
 EVAL_K = (4, 8)
 TRAIN_VIDEOS = ("all", "half0", "half1")
+RANK_WORDS = ("none", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
 @dataclass
@@ -84,13 +85,17 @@ class ForgeConfig:
     # which training videos (sorted by id): "all", or alternate halves "half0" / "half1", so
     # two forged models (the reference and the answering model) share no training video
     train_videos: str = "all"
-    # experimental, off by default (not yet measured end to end): the share of with-evidence
-    # subsets that show only part of the evidence where the table alone still fixes the
-    # answer for the frames shown (see `_partial`), and random option order (content mode)
-    p_partial: float = 0.0
-    shuffle_options: bool = False
-    # training-time only: random flip, crop and colour per frame (measured: no gain on val)
-    augment: bool = False
+    # auxiliary loss weight: each frame's visual tokens, as they enter the text model, are
+    # classified against the (tied) word embeddings as the frame's label (the object's word,
+    # or the footage's name): a cat frame then enters the text model looking like the word
+    # " cat", and questions about listed objects become "is this word earlier in the input?"
+    frame_label_weight: float = 0.5
+    # auxiliary loss weight: every object word in the prompt text (options, listed objects,
+    # the anchor of "after") predicts when that object is first seen among the frames ("one",
+    # "two", ... in order of first appearance, or "none"): dense supervision of the matching
+    # every family needs (appear: the seen option; first: the smallest rank; count: how many
+    # ranks; after X: rank(X) + 1); the prompt puts the frames first, so words can see them.
+    word_rank_weight: float = 0.5
     # how often each question family is drawn after the curriculum (missing: 1.0), e.g.
     # {"count": 2.0, "global": 0.25}: multi-segment families learn slowest, "global" fastest
     family_weights: dict[str, float] = field(default_factory=dict)
@@ -131,8 +136,8 @@ class ForgeConfig:
             bad(f"need min_k <= warm_k <= max_k, got warm_k={self.warm_k}")
         if self.train_videos not in TRAIN_VIDEOS:
             bad(f"train_videos must be one of {TRAIN_VIDEOS}, got {self.train_videos!r}")
-        if not 0 <= self.p_partial <= 1:
-            bad(f"p_partial must be in [0, 1], got {self.p_partial}")
+        if self.frame_label_weight < 0 or self.word_rank_weight < 0:
+            bad("frame_label_weight and word_rank_weight must be >= 0")
         if any(w < 0 for w in self.family_weights.values()):
             bad(f"family_weights must be >= 0, got {self.family_weights}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 64:
@@ -387,6 +392,8 @@ class _Batcher:
     def __init__(self, tokenizer, processor, cfg: ForgeConfig) -> None:
         blank = Image.new("RGB", (cfg.frame_size, cfg.frame_size))
         self.block = processor(text=IMAGE_TOKEN, images=[blank])["input_ids"][0]
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.tokens_per_frame = sum(t == self.image_id for t in self.block)
         self.tok, self.cfg, self.lut = tokenizer, cfg, pixel_lut()
         self.text_ids: dict[str, list[int]] = {}
 
@@ -414,12 +421,18 @@ class _Batcher:
         return ids, mask, torch.from_numpy(pix), last
 
 
-def _option_logits(model, batch, option_ids):
+def _hidden(model, batch):
+    """The text model's last hidden states [n, width, d]."""
+    ids, mask, pix, _ = batch
+    return model.model(input_ids=ids, attention_mask=mask, pixel_values=pix).last_hidden_state
+
+
+def _option_logits(model, batch, option_ids, h=None):
     """Full-vocab logits at each sequence's last position, and the option logits z."""
     import torch
 
-    ids, mask, pix, last = batch
-    h = model.model(input_ids=ids, attention_mask=mask, pixel_values=pix).last_hidden_state
+    h = _hidden(model, batch) if h is None else h
+    last = batch[3]
     logits = model.lm_head(h[torch.arange(len(last)), last])
     width = max(map(len, option_ids))  # questions have 2-4 options: pad z with -inf
     idx = torch.tensor([o + [o[0]] * (width - len(o)) for o in option_ids])
@@ -449,7 +462,10 @@ def _draw_k(rng: np.random.Generator, lo: int, hi: int) -> int:
 
 
 def _draw(rng, tracks, families, k: int, p_ev: float, pools, clips, cfg: ForgeConfig):
-    """One training example: a synthesized question about a chronological k-subset of a pool."""
+    """One training example: a synthesized question about a chronological k-subset of a pool.
+
+    Returns (question, frames, with evidence?, per-frame label words).
+    """
     w = np.array([cfg.family_weights.get(f, 1.0) for f in families])
     while True:
         fam = families[rng.choice(len(families), p=w / w.sum())]
@@ -458,63 +474,24 @@ def _draw(rng, tracks, families, k: int, p_ev: float, pools, clips, cfg: ForgeCo
         if ex is not None:
             q = Question(f"{ex.question}|{'|'.join(ex.options)}", track.video_id, fam,
                          ex.question, ex.options, ex.answer, [])  # fmt: skip
-            return q, pools[track.video_id][0][ex.positions], ex.with_evidence
+            labels = [o or track.background for o in track.labels[ex.positions]]
+            return q, pools[track.video_id][0][ex.positions], ex.with_evidence, labels
 
 
-def _partial(rng: np.random.Generator, q: Question):
-    """(question, segments to show, segments to hide) for partial evidence with a known answer.
-
-    Counterfactuals aim at the lookup "this question text -> this answer" that 168 training
-    questions per family invite (train 92% vs val chance on "first"; effect not yet measured):
-    - count: j of the c present listed objects shown -> the answer for these frames is j;
-    - first, two listed objects: only the later one shown -> it is the first one seen.
-    None for other questions (the table does not say which segment shows which object).
-    """
-    ev = q.evidence
-    c = len(ev)
-    if (
-        q.family == "count"
-        and 2 <= c <= len(COUNT_WORDS)
-        and q.options[q.answer] == COUNT_WORDS[c - 1]
-    ):
-        j = int(rng.integers(1, c))
-        keep = set(rng.choice(c, j, replace=False).tolist())
-        if COUNT_WORDS[j - 1] in q.options:
-            q2 = dataclasses.replace(q, answer=q.options.index(COUNT_WORDS[j - 1]))
-            return q2, [ev[i] for i in keep], [ev[i] for i in range(c) if i not in keep]
-    if q.family == "first" and c == 2 and len(q.options) == 2:
-        return dataclasses.replace(q, answer=1 - q.answer), [ev[1]], [ev[0]]
-    return None
-
-
-def _shuffled(rng: np.random.Generator, q: Question) -> Question:
-    """The same question with its options in a random order (content mode: order is moot)."""
-    perm = rng.permutation(len(q.options)).tolist()
-    return dataclasses.replace(
-        q,
-        qid=f"{q.qid}#{''.join(map(str, perm))}",
-        options=[q.options[i] for i in perm],
-        answer=perm.index(q.answer),
-    )
-
-
-def augment(rng: np.random.Generator, frames: np.ndarray) -> np.ndarray:
-    """Random flip, crop (75-100% of the side, resized back) and colour gain, per frame.
-
-    Training only, after `preprocess_frames`. Tried against memorisation (train 93% vs val 40%
-    on "which appears first"), since the benchmark's own object variants are flips, crops and
-    colour jitter; measured: no gain on val (appear 0.82 -> 0.74), so it is off by default.
-    """
-    s = frames.shape[1]
-    out = np.empty_like(frames)
-    for i, f in enumerate(frames):
-        c = int(s * rng.uniform(0.75, 1.0))
-        x, y = rng.integers(0, s - c + 1, size=2)
-        img = Image.fromarray(f[y : y + c, x : x + c]).resize((s, s), Image.Resampling.BILINEAR)
-        a = np.asarray(img, np.float32) * rng.uniform(0.8, 1.2) * rng.uniform(0.9, 1.1, 3)
-        a = np.clip(a + 0.5, 0, 255).astype(np.uint8)
-        out[i] = a[:, ::-1] if rng.random() < 0.5 else a
-    return out
+def _word_ranks(ids, frame_labels, word_of: dict[int, str], rank_tok: list[int]):
+    """(rows, cols, target token ids) for every object word in the prompts: the word's rank of
+    first appearance among the objects its example's frames show, or "none"."""
+    rows, cols, targets = [], [], []
+    for i, labels in enumerate(frame_labels):
+        seen = list(dict.fromkeys(o for o in labels if o in OBJECTS))
+        for j in np.flatnonzero(np.isin(ids[i].numpy(), list(word_of))):
+            o = word_of[int(ids[i, j])]
+            r = seen.index(o) + 1 if o in seen else 0
+            if r < len(rank_tok):
+                rows.append(i)
+                cols.append(int(j))
+                targets.append(rank_tok[r])
+    return rows, cols, targets
 
 
 def _loss(logits, z, target, answer_tok, with_ev):
@@ -553,6 +530,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     ``frames_*/`` (the decoded pool cache, see `cache_dir`) and ``train_log.json``.
     """
     import torch
+    import torch.nn.functional as F
 
     cfg = cfg or ForgeConfig()
     out = Path(out_dir)
@@ -571,7 +549,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     qs = _questions(rows, pools)
     modes = prompting.MODES
     texts = [prompting.build_prompt(q.question, q.options, 0, m, "") for q in qs for m in modes]
-    words = [*OBJECTS, *COUNT_WORDS, *clips]  # every answer a synthesized question can have
+    words = [*OBJECTS, *COUNT_WORDS, *clips, *RANK_WORDS]  # answers and auxiliary labels
     required = sorted(
         {s for q in qs for m in modes for s in prompting.answer_surfaces(q.options, m)}
         | set(prompting.answer_surfaces(words, "content"))
@@ -586,6 +564,18 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         if key not in ids_cache:
             ids_cache[key] = prompting.scored_token_ids(tok, q.options, cfg.answer_mode)
         return ids_cache[key]
+
+    label_cache: dict[str, int] = {}
+
+    def label_ids(words: list[str]) -> list[int]:
+        for w in set(words) - set(label_cache):
+            label_cache[w] = prompting.scored_token_ids(tok, [w], "content")[0]
+        return [label_cache[w] for w in words]
+
+    visual: dict[str, Any] = {}  # the connector's output: visual tokens [frames, tokens, d]
+    model.model.connector.register_forward_hook(lambda m, i, o: visual.__setitem__("tokens", o))
+    word_of = {label_ids([o])[0]: o for o in OBJECTS}  # object word token -> object
+    rank_tok = label_ids(list(RANK_WORDS))
 
     families = sorted({q.family for q in qs})
     first = ["appear"] if "appear" in families else families
@@ -606,13 +596,27 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         fams = first if warm else families
         drawn = [_draw(rng, track_list, fams, k, p_ev, pools, clips, cfg)
                  for _ in range(cfg.batch_size)]
-        if cfg.augment:
-            drawn = [(q, augment(rng, fr), w) for q, fr, w in drawn]
-        items = [(q, fr) for q, fr, _ in drawn]
-        logits, z = _option_logits(model, batcher(items), [option_ids(q) for q, _ in items])
+        items = [(q, fr) for q, fr, _, _ in drawn]
+        batch = batcher(items)
+        h = _hidden(model, batch)
+        logits, z = _option_logits(model, batch, [option_ids(q) for q, _ in items], h)
         target = torch.tensor([q.answer for q, _ in items])
         answer_tok = torch.tensor([option_ids(q)[q.answer] for q, _ in items])
-        loss = _loss(logits, z, target, answer_tok, torch.tensor([w for _, _, w in drawn]))
+        loss = _loss(logits, z, target, answer_tok, torch.tensor([w for _, _, w, _ in drawn]))
+        aux: dict[str, float] = {}  # auxiliary accuracies, logged
+        if cfg.frame_label_weight:  # each frame's visual token reads as its label word
+            words = [w for _, _, _, labels in drawn for w in labels]
+            label_tok = torch.tensor(label_ids(words)).repeat_interleave(batcher.tokens_per_frame)
+            frame_logits = model.lm_head(visual["tokens"].flatten(0, 1))
+            loss = loss + cfg.frame_label_weight * F.cross_entropy(frame_logits, label_tok)
+            aux["frame_acc"] = (frame_logits.argmax(-1) == label_tok).float().mean().item()
+        if cfg.word_rank_weight:  # each object word predicts its rank of first appearance
+            rows, cols, targets = _word_ranks(batch[0], [labels for *_, labels in drawn],
+                                              word_of, rank_tok)  # fmt: skip
+            if rows:
+                rank_logits, rank_t = model.lm_head(h[rows, cols]), torch.tensor(targets)
+                loss = loss + cfg.word_rank_weight * F.cross_entropy(rank_logits, rank_t)
+                aux["rank_acc"] = (rank_logits.argmax(-1) == rank_t).float().mean().item()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -621,17 +625,19 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         opt.step()
         hit = (z.argmax(-1) == target).tolist()
         fam_hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # with evidence only
-        for h, (q, _, w) in zip(hit, drawn):
+        for h, (q, _, w, _) in zip(hit, drawn):
             if w:
                 fam_hits[q.family][0] += h
                 fam_hits[q.family][1] += 1
         log.append({"step": step, "k": k, "loss": round(loss.item(), 4),
                     "acc": round(float(np.mean(hit)), 3), "with_evidence_hits": fam_hits,
+                    **{k: round(v, 3) for k, v in aux.items()},
                     "seconds": round(time.time() - t0, 1)})  # fmt: skip
         if step % 50 == 0 or step == cfg.steps - 1:
             print(f"forge step {step}/{cfg.steps} K<={kmax} loss {loss.item():.3f} "
                   f"{time.time() - t0:.0f}s; train acc with evidence, last 50 steps: "
-                  f"{_recent(log[-50:])}", flush=True)  # fmt: skip
+                  f"{_recent(log[-50:])}", *(f"{a} {np.mean([x[a] for x in log[-50:]]):.2f}"
+                  for a in aux), flush=True)  # fmt: skip
     train_s = time.time() - t0
     ckpt = save_checkpoint(model.eval(), processor, cfg, out / "checkpoint")
     meta = {"train_seconds": round(train_s, 1), "cache_seconds": round(cache_s, 1),

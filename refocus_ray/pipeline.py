@@ -66,39 +66,39 @@ def prepare_stage(cfg: Config, strict: bool | None = None, retry_failed: bool = 
     return res
 
 
-def forge_config(cfg: Config):
-    """The `forge:` section as a validated ForgeConfig (errors name `forge.<key>`)."""
+FORGES = ("forge", "forge_answerer")  # the reference model, the second answering model
+
+
+def forge_config(cfg: Config, name: str = "forge"):
+    """The `forge:` section (with `forge_answerer:` on top for the answering model) as a
+    validated ForgeConfig; errors name `<section>.<key>`."""
     from refocus_ray.config import ConfigError, build
     from refocus_ray.forge import ForgeConfig
 
     section = {"max_frames": cfg.pool.max_frames, "max_fps": cfg.pool.max_fps,
                "seed": cfg.seed, **cfg.section("forge")}
+    if name != "forge":
+        section |= cfg.section(name)
     try:
-        return build(ForgeConfig, section, "forge")
+        return build(ForgeConfig, section, name)
     except ValueError as e:
-        raise ConfigError(f"forge: {e}") from None
+        raise ConfigError(f"{name}: {e}") from None
 
 
-def forge_checkpoint(cfg: Config) -> Path:
-    return cfg.run_path / "forge" / "checkpoint"
+def forge_checkpoint(cfg: Config, name: str = "forge") -> Path:
+    return cfg.run_path / name / "checkpoint"
 
 
-def forge_record(cfg: Config) -> str | None:
-    """The forge stage's record: part of the cache key of every stage that scores with it."""
-    f = cfg.run_path / "forge" / "stage.json"
-    return f.read_text() if f.exists() else None
-
-
-def forge_stage(cfg: Config) -> dict[str, Any]:
-    """Train the embedded reference VLM on the train split, then report on val through vLLM."""
+def forge_stage(cfg: Config, name: str = "forge") -> dict[str, Any]:
+    """Forge a VLM on the train split, then report on val through vLLM (`forge_report.json`)."""
     import dataclasses
 
     from refocus_ray import forge
 
-    fcfg = forge_config(cfg)
+    fcfg = forge_config(cfg, name)
 
     def run() -> dict[str, Any]:
-        ckpt = forge.forge(cfg.table_path(), cfg.run_path / "forge", fcfg)
+        ckpt = forge.forge(cfg.table_path(), cfg.run_path / name, fcfg)
         report = forge.evaluate_forge(ckpt, cfg.table_path(), fcfg, split="val")
         return {"checkpoint": str(ckpt),
                 **{k: v for k, v in report.items() if k != "per_family"}}
@@ -106,7 +106,14 @@ def forge_stage(cfg: Config) -> dict[str, Any]:
     layout = cfg.table_path().parent / "layout.json"  # the forge's training questions
     fp = {"forge": dataclasses.asdict(fcfg), "table": file_hash(cfg.table_path()),
           "layout": file_hash(layout) if layout.is_file() else None}
-    return run_stage(cfg.run_path, "forge", fp, run, outputs=(forge_checkpoint(cfg),))
+    return run_stage(cfg.run_path, name, fp, run, outputs=(forge_checkpoint(cfg, name),))
+
+
+def forge_record(cfg: Config, name: str = "forge") -> str | None:
+    """A forge stage's record (fingerprint and report): later stages that score with the forged
+    model re-run when it is re-forged."""
+    f = cfg.run_path / name / "stage.json"
+    return f.read_text() if f.exists() else None
 
 
 def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:
@@ -193,10 +200,16 @@ def evaluate_stage(cfg: Config, checkpoint: str | Path | None = None,
 def demo(cfg: Config) -> dict[str, Any]:
     """Every stage the project has, in order, each cached."""
     out = {"data": evidence_stage(cfg), "features": prepare_stage(cfg), "forge": forge_stage(cfg)}
+    if cfg.section("forge_answerer"):
+        out["forge_answerer"] = forge_stage(cfg, "forge_answerer")
     if cfg.section("train").get("table") == "filtered":  # training reads the filter's output
         out["filter"] = filter_stage(cfg)
     if cfg.section("train"):
         out["train"] = train_stage(cfg)
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "errors"}
+        out["eval"] = evaluate_stage(cfg)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("errors", "table")}
                       for k, v in out.items()}, indent=2))
+    if "eval" in out:  # the demo ends with the comparison table and where the report is
+        print(out["eval"]["table"])
+        print(f"report: {out['eval']['report']}")
     return out

@@ -70,19 +70,28 @@ def training_config(cfg: Config, check_table: bool = True) -> Config:
     return out
 
 
-def reference_config(cfg: Config):
-    """The ``reference:`` section; model "forge" means this run's forged checkpoint."""
-    from refocus_ray.pipeline import forge_checkpoint
+def scorer_config(cfg: Config, section: str = "reference"):
+    """A ReferenceConfig from a config section (``reference`` or ``answerer``); model "forge"
+    or "forge_answerer" means this run's forged checkpoint of that name."""
+    from refocus_ray.pipeline import FORGES, forge_checkpoint
     from refocus_ray.scoring import ReferenceConfig
 
-    ref = build(ReferenceConfig, cfg.section("reference"), "reference")
-    if ref.model == "forge":
-        ckpt = forge_checkpoint(cfg)
+    # the answerer gets its own pool name, so its actors never collide with the reference's
+    defaults = {"pool_name": "refocus-answerer"} if section == "answerer" else {}
+    ref = build(ReferenceConfig, {**defaults, **cfg.section(section)}, section)
+    if ref.model in FORGES:
+        ckpt = forge_checkpoint(cfg, ref.model)
         if not ckpt.exists():
-            raise FileNotFoundError(f"reference.model is 'forge' but {ckpt} does not exist; "
-                                    "run the forge stage first or name a checkpoint")
+            raise FileNotFoundError(f"{section}.model is {ref.model!r} but {ckpt} does not "
+                                    "exist; run `refocus forge-reference` first or name a "
+                                    "checkpoint")
         ref.model = str(ckpt.resolve())
     return ref
+
+
+def reference_config(cfg: Config):
+    """The ``reference:`` section (see `scorer_config`)."""
+    return scorer_config(cfg, "reference")
 
 
 def metrics_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -112,23 +112,6 @@ def test_sample_subset_includes_or_excludes_evidence():
     assert forge.sample_subset(rng, 100, ev, 1, True) is None  # 2 segments do not fit in K=1
 
 
-def test_partial_evidence_labels_follow_the_frames_shown():
-    """count: j of c present objects shown -> j; first (2 listed): later one alone -> it."""
-    rng = np.random.default_rng(0)
-    ev = [np.arange(10, 12), np.arange(40, 42), np.arange(70, 72)]
-    count = forge.Question("c", "v", "count", "How many?", list(forge.COUNT_WORDS), 2, ev)
-    for _ in range(20):
-        q, keep, drop = forge._partial(rng, count)
-        assert q.options[q.answer] == forge.COUNT_WORDS[len(keep) - 1] and len(drop) >= 1
-        pos = forge._subset(rng, 100, keep, drop, 6)
-        shown = sum(np.isin(e, pos).any() for e in ev)
-        assert shown == len(keep)
-    first = forge.Question("f", "v", "first", "First?", ["moon", "cat"], 1, ev[:2])
-    q, keep, drop = forge._partial(rng, first)
-    assert q.answer == 0 and keep[0] is ev[1] and drop[0] is ev[0]
-    assert forge._partial(rng, forge.Question("a", "v", "after", "?", ["a", "b"], 0, ev)) is None
-
-
 @pytest.fixture(scope="module")
 def forged_engine(tiny):
     pytest.importorskip("vllm")
