@@ -47,13 +47,22 @@ class PrepareSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     questions_encoded: int = 0
     seconds: float = 0.0
+    # Ray node id -> videos decoded / encoded there (shows the work spread over a cluster)
+    nodes: dict[str, dict[str, int]] = field(default_factory=lambda: {"decode": {}, "encode": {}})
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "videos": self.videos, "cached": self.cached, "decoded": self.decoded,
             "failed": len(self.failed), "errors": self.failed,
             "questions_encoded": self.questions_encoded, "seconds": round(self.seconds, 2),
+            "nodes": self.nodes,
         }
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def cache_key(cfg: Config) -> str:
@@ -107,6 +116,7 @@ def _decode_row(row: dict[str, Any], max_frames: int, max_fps: float, size: int,
     """Ray Data map: decode one pool in an isolated child; failures become an `error` field."""
     from refocus_ray.video import VideoError, decode_isolated
 
+    row = {**row, "decode_node": _node_id()}
     try:
         info, idx, frames = decode_isolated(row["path"], max_frames, max_fps, size, timeout_s)
     except VideoError as e:
@@ -126,6 +136,7 @@ class _EncodeFrames:
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         frames = row.pop("frames")
+        row["encode_node"] = _node_id()
         row["features"] = (
             self.encoder(frames) if len(frames) else np.zeros((0, self.encoder.dim), np.float32)
         )
@@ -183,6 +194,9 @@ def prepare_frames(
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
         )
         for row in ds.iter_rows():
+            for stage in ("decode", "encode"):
+                where = summary.nodes[stage]
+                where[row[f"{stage}_node"]] = where.get(row[f"{stage}_node"], 0) + 1
             if row["error"]:
                 err = {"video_id": row["video_id"], "path": row["path"], "error": row["error"]}
                 # remembered by content hash: a re-run does not decode a known-bad file again
