@@ -156,3 +156,43 @@ def test_random_cluster_model_scores_in_letter_mode(tmp_path):
     assert np.isfinite(np.concatenate(z)).all()
     with pytest.raises(ValueError, match="unknown architecture"):
         forge.build_random_model("qwen2_5_vl", tmp_path / "q")
+
+
+def test_word_ranks_label_each_object_word_by_first_appearance(tiny):
+    """Options and listed objects predict when they are first seen ("one", ...) or "none"."""
+    tok = tiny[2]
+    words = ["cat", "coffee", "rocket", "motorcycle"]
+    word_of = {prompting.scored_token_ids(tok, [w], "content")[0]: w for w in words}
+    rank_tok = [100 + r for r in range(len(forge.RANK_WORDS))]  # stand-in ids for the ranks
+    text = tok.encode(prompting.build_prompt(QUESTION, words, 0, "content", ""),
+                      add_special_tokens=False)  # fmt: skip
+    ids = torch.tensor([text])
+    frames = ["bikes", "rocket", "rocket", "cat", "moon"]  # rocket first, then cat
+    rows, cols, targets = forge._word_ranks(ids, [frames], word_of, rank_tok)
+    by_word = {word_of[int(ids[0, c])]: t - 100 for c, t in zip(cols, targets)}
+    assert rows == [0] * 4 and by_word == {"cat": 2, "coffee": 0, "rocket": 1, "motorcycle": 0}
+
+
+def test_match_heads_start_as_same_word_lookups():
+    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, match_heads=1)
+    texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, "content", "")]
+    _, _, model = forge.init_model(cfg, texts, [" " + o for o in OPTIONS])
+    first, second = (layer.self_attn for layer in model.model.text_model.layers)
+    hd = cfg.head_dim
+    assert torch.equal(first.q_proj.weight[:hd], first.k_proj.weight[:hd])
+    assert not torch.equal(second.q_proj.weight[:hd], second.k_proj.weight[:hd])
+
+
+def test_train_halves_are_disjoint_and_cover_the_split(tmp_path):
+    import pyarrow.parquet as pq
+
+    from refocus_ray.dataset import validate_rows
+
+    rows = [{"question_id": f"q{i}", "video_id": f"v{i // 2}", "video_path": f"v{i // 2}.mp4",
+             "question": "Which?", "options": ["a", "b"], "answer": 0, "duration_s": 1.0,
+             "split": "train" if i < 16 else "val", "family": "appear"} for i in range(20)]
+    table = tmp_path / "q.parquet"
+    pq.write_table(validate_rows(rows, "test"), table)
+    halves = [{r["video_id"] for r in forge.train_rows(table, h)} for h in ("half0", "half1")]
+    assert not halves[0] & halves[1] and len(halves[0]) == len(halves[1]) == 4
+    assert halves[0] | halves[1] == {r["video_id"] for r in forge.train_rows(table)}
