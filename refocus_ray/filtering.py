@@ -164,7 +164,10 @@ def scoring_key(cfg: Config, fcfg: FilterConfig) -> str:
     from refocus_ray.features import cache_key
     from refocus_ray.pipeline import forge_record
 
-    return stable_hash({"version": VERSION, "k": fcfg.k, "reference": cfg.section("reference"),
+    ref = cfg.section("reference")
+    if Path(str(ref.get("model", ""))).exists():  # a checkpoint dir: the same however it is named
+        ref["model"] = str(Path(ref["model"]).resolve())
+    return stable_hash({"version": VERSION, "k": fcfg.k, "reference": ref,
                         "pool": cache_key(cfg), "forge": forge_record(cfg)})
 
 
