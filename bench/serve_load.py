@@ -216,8 +216,7 @@ def main() -> None:
         port = _free_port()
         overrides: dict[str, Any] = {"serve.max_k": 64, "serve.batch_wait_timeout_s": 0.005,
                                      "serve.max_batch_size": 16}
-        if answer:
-            overrides["serve.answer_model"] = args.answer_model
+        overrides["serve.answer_model"] = args.answer_model  # None: no answering model
         ray_serve.start(http_options={"host": "127.0.0.1", "port": port})
         ray_serve.run(build_app({"checkpoint": ckpt, "config": args.config,
                                  "media_roots": [str(media)], "set": overrides}),
