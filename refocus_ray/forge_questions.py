@@ -124,43 +124,45 @@ def synthesize(
 
 
 def _with_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
+    """The objects the question is about are drawn first (how many: uniform, as in the
+    benchmark, so "four" or four listed objects are as common at K = 4 as "one"), then shown
+    with other objects of the video as distractors."""
     avail = [o for o in track.order if len(track.frames_of(o))]
-    need = NEED[family]
-    if len(avail) < need or k < need:
+    room = min(k, len(avail))
+    if room < NEED[family]:
         return None
-    shown: list[str] = []
     if family == "after":  # a pair of consecutive segments, both shown
         pairs = [(a, b) for a, b in zip(track.order, track.order[1:]) if a in avail and b in avail]
         if not pairs:
             return None
-        shown = list(pairs[rng.integers(len(pairs))])
-    n_shown = int(rng.integers(need, min(k, len(avail)) + 1))
-    shown += _pick(rng, [o for o in avail if o not in shown], n_shown - len(shown))
+        about = list(pairs[rng.integers(len(pairs))])
+    else:
+        lo = NEED[family]
+        about = _pick(rng, avail, int(rng.integers(lo, min(4, room) + 1)) if lo else 1)
+    extra = int(rng.integers(0, room - len(about) + 1))
+    shown = about + _pick(rng, [o for o in avail if o not in about], extra)
     chosen = [int(rng.choice(track.frames_of(o))) for o in shown]
     pos = _fill(rng, len(track.labels), chosen, k)
     seen = _seen(track, pos)
     unseen = [o for o in OBJECTS if o not in seen]
     if family == "appear":
-        ans = seen[rng.integers(len(seen))]
-        opts, a = _with_answer(rng, ans, _pick(rng, unseen, 3))
+        opts, a = _with_answer(rng, about[0], _pick(rng, unseen, 3))
         return Example(family, question_text("appear"), opts, a, pos, True)
     if family == "first":
-        m = int(rng.integers(2, min(4, len(seen)) + 1))
-        listed = _pick(rng, seen, m)
-        if m > 2 and rng.random() < P_UNSEEN_LISTED:  # a listed object that is not shown
+        listed = list(about)
+        if len(listed) > 2 and rng.random() < P_UNSEEN_LISTED:  # a listed object not shown
             listed[-1] = unseen[rng.integers(len(unseen))]
         first = min((o for o in listed if o in seen), key=seen.index)
         opts = _pick(rng, listed, len(listed))
         return Example(family, question_text("first"), opts, opts.index(first), pos, True)
     if family == "after":
-        x = shown[0]
-        nxt = seen[seen.index(x) + 1]
+        x, nxt = about
         others = [o for o in track.order if o not in (x, nxt)]
         others += [o for o in OBJECTS if o not in others and o not in (x, nxt)]
         opts, a = _with_answer(rng, nxt, _pick(rng, others[: max(3, len(track.order) - 2)], 3))
         return Example(family, question_text("after", x=x), opts, a, pos, True)
-    c = int(rng.integers(1, min(4, len(seen)) + 1))  # count
-    listed = _pick(rng, _pick(rng, seen, c) + _pick(rng, unseen, 4 - c), 4)
+    c = len(about)  # count: the listed objects shown, and 4 - c listed that are not
+    listed = _pick(rng, about + _pick(rng, unseen, 4 - c), 4)
     return Example(family, question_text("count", listed=listed), list(COUNT_WORDS), c - 1, pos,
                    True)  # fmt: skip
 

@@ -91,3 +91,11 @@ def test_load_tracks_labels_pool_frames_by_span(tmp_path):
     assert tracks["v"].labels.tolist() == ["", "cat", "", "", "moon", "moon", "", ""]
     with pytest.raises(ValueError, match="no layout for videos"):
         fq.load_tracks(tmp_path / "layout.json", {"w": times})
+
+
+def test_count_answers_are_balanced_even_at_small_k():
+    """Like the benchmark's, "four" is as common as "one" at K = 4 (all four listed shown)."""
+    rng, track = np.random.default_rng(3), _track()
+    answers = [fq.synthesize(rng, track, "count", 4, True, CLIPS).answer for _ in range(800)]
+    shares = np.bincount(answers, minlength=4) / len(answers)
+    assert shares.min() > 0.18, shares
