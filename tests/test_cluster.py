@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import LOCAL_RAY
+from conftest import LOCAL_RAY, free_port
 
 from refocus_ray.config import Config, load_config
 
@@ -45,12 +44,6 @@ def _wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.1):
             pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(poll_s)
     return value
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +68,8 @@ def cluster():
     os.environ["RAY_TMPDIR"] = tmp  # Ray's default temp dir (and address file) for this module
     node = {"node_ip_address": "127.0.0.1"}
     c = Cluster(initialize_head=True, head_node_args={
-        **node, "num_cpus": 1, "include_dashboard": False, "dashboard_port": _free_port(),
-        "dashboard_agent_listen_port": _free_port()})
+        **node, "num_cpus": 1, "include_dashboard": False, "dashboard_port": free_port(),
+        "dashboard_agent_listen_port": free_port()})
     c.names = {c.head_node.node_id: "head"}
     for name, res in [("worker", {}), ("reward-1", {"reward": 1}), ("reward-2", {"reward": 1})]:
         c.names[c.add_node(**node, num_cpus=1, resources=res).node_id] = name
