@@ -1,8 +1,9 @@
 """The reward pool: scorer actors that every env runner calls, batched, cached and restartable.
 
 Controller/worker split: `RewardPool` (the client, used by env runners, evaluation and the
-driver) routes each request to an actor by a hash of its cache key, so identical requests
-meet the same actor's cache; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
+driver) routes each request to an actor by a hash of its video, so identical requests meet
+the same actor's cache and a GRPO group (G requests on one video) stays in one engine batch and
+has its frames decoded once; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
 GPU or, here, on pinned CPU cores) and micro-batches: requests from all callers queue up while
 the engine runs, and the next engine call takes all of them (up to `max_batch`).
 
@@ -21,7 +22,7 @@ import os
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -200,6 +201,14 @@ def actor_options(cfg: ReferenceConfig) -> dict[str, Any]:
     return opts
 
 
+def actor_cores(cfg: ReferenceConfig, i: int) -> list[int]:
+    """Actor i's share of ``reference.cpu_cores``: with at least as many cores as actors, each
+    engine gets its own (two engines spinning OpenMP threads on the same cores stall each
+    other); otherwise all of them."""
+    cores = list(cfg.cpu_cores)
+    return cores[i::cfg.num_actors] if len(cores) >= cfg.num_actors else cores
+
+
 def placement_group_for(cfg: ReferenceConfig):
     """One placement group over all scorer actors (``reference.placement_strategy``), or None.
 
@@ -243,8 +252,9 @@ class RewardPool:
         for i in range(cfg.num_actors):
             where = {} if group is None else {"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=group, placement_group_bundle_index=i)}
+            own = replace(cfg, cpu_cores=actor_cores(cfg, i))
             actors.append(remote.options(name=cls._name(cfg, i), get_if_exists=True,
-                                         **actor_options(cfg), **where).remote(asdict(cfg)))
+                                         **actor_options(own), **where).remote(asdict(own)))
         ray.get([a.ready.remote() for a in actors])
         return cls(actors, cfg, group)
 
@@ -253,11 +263,11 @@ class RewardPool:
         return cls([ray.get_actor(cls._name(cfg, i)) for i in range(cfg.num_actors)], cfg)
 
     def submit(self, requests: list[ScoreRequest]) -> list[ray.ObjectRef]:
-        """Send requests (routed by key) without waiting; returns one ref per actor used,
+        """Send requests (routed by video) without waiting; returns one ref per actor used,
         see `gather`."""
         by_actor: dict[int, list[int]] = {}
         for i, req in enumerate(requests):
-            a = int(request_key(req, self.model_id)[:8], 16) % len(self.actors)
+            a = int(hashlib.sha256(req.video.encode()).hexdigest()[:8], 16) % len(self.actors)
             by_actor.setdefault(a, []).append(i)
         return [(idx, self.actors[a].score.remote([requests[i] for i in idx]))
                 for a, idx in by_actor.items()]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,27 +100,35 @@ class FrameStore:
 
     def get(self, video: str, frames: tuple[int, ...]) -> np.ndarray:
         """uint8 [k, H, W, 3] in chronological order."""
-        t0 = time.perf_counter()
-        try:
-            return self._get(video, frames)
-        finally:
-            self.seconds += time.perf_counter() - t0
+        self.warm([(video, frames)])
+        return np.stack([self.frames[(video, f)] for f in sorted(frames)])
 
-    def _get(self, video: str, frames: tuple[int, ...]) -> np.ndarray:
+    def warm(self, requests: Iterable[tuple[str, tuple[int, ...]]]) -> None:
+        """Decode the missing frames of many (video, frames) requests with one reader and one
+        sorted pass per video: the G requests of a GRPO group share their video, so a batch
+        opens it once instead of G times."""
         from refocus_ray.video import decode
 
-        order = sorted(frames)
-        missing = [f for f in order if (video, f) not in self.frames]
-        if missing:
-            imgs = decode(video, missing)
-            if self.transform is not None:
-                imgs = self.transform(imgs)
-            self.decoded += len(missing)
-            for f, img in zip(missing, imgs):
-                self.frames[(video, f)] = img
+        t0 = time.perf_counter()
+        try:
+            need: dict[str, set[int]] = {}
+            for video, frames in requests:
+                need.setdefault(video, set()).update(
+                    f for f in frames if (video, f) not in self.frames)
+            for video, missing in need.items():
+                if not missing:
+                    continue
+                order = sorted(missing)
+                imgs = decode(video, order)
+                if self.transform is not None:
+                    imgs = self.transform(imgs)
+                self.decoded += len(order)
+                for f, img in zip(order, imgs):
+                    self.frames[(video, f)] = img
             while len(self.frames) > self.capacity:
                 self.frames.popitem(last=False)
-        return np.stack([self.frames[(video, f)] for f in order])
+        finally:
+            self.seconds += time.perf_counter() - t0
 
 
 def _transform_for(model_dir: str) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -148,6 +156,7 @@ class VLLMBackend:
         self.model_id = f"vllm:{Path(cfg.model).resolve()}"
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        self.store.warm((r.video, r.frames) for r in requests)
         return self.scorer.score(
             [(self.store.get(r.video, r.frames), r.question, r.options) for r in requests]
         )

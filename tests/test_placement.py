@@ -111,7 +111,7 @@ def test_placement_reaches_rllib_and_the_scorer_actor_options():
 
 
 PLACED = textwrap.dedent("""
-    import json, sys, tempfile
+    import json, socket, sys, tempfile
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.placement_group import placement_group_table
@@ -119,10 +119,17 @@ PLACED = textwrap.dedent("""
     from refocus_ray.reward_pool import RewardPool
     from refocus_ray.scoring import ReferenceConfig
 
+    def free_port():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
     if __name__ == "__main__":
+        own = tempfile.mkdtemp(prefix="rp-", dir="/tmp")  # our own session dir and ports
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "labels": {"zone": "a"}, "include_dashboard": False})
-        other = cluster.add_node(num_cpus=2, labels={"zone": "b"})
+            "num_cpus": 1, "labels": {"zone": "a"}, "include_dashboard": False,
+            "dashboard_port": free_port(), "temp_dir": own})
+        other = cluster.add_node(num_cpus=2, labels={"zone": "b"}, temp_dir=own)
         ray.init(address=cluster.address, log_to_driver=False)
         model = build_random_model("idefics3", tempfile.mkdtemp())
         cfg = ReferenceConfig(model=str(model), answer_mode="letter", max_model_len=2048,
