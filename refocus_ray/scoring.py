@@ -200,18 +200,63 @@ class TransformersBackend:
 
 
 class OpenAIBackend:
-    """An external OpenAI-compatible vLLM server: the same prompt as a chat message whose
-    images are PNG data URLs; option log-probs from one prefill (`logprob_token_ids`)."""
+    """An external OpenAI-compatible vLLM server (`python -m vllm.entrypoints.openai.api_server`).
 
-    def __init__(self, cfg: ReferenceConfig) -> None:
+    Each request is the `vllm` backend's prompt as one chat message (frames as lossless PNG
+    data URLs, then the text), scored in one prefill (`max_tokens=1`, `logprob_token_ids`);
+    a batch is sent concurrently so the server batches it. Scores equal the `vllm` backend's
+    only if the server renders that message to the same text, so start-up checks it through
+    the server's `/tokenize`: a forged checkpoint's chat template does; other models need the
+    server started with `--chat-template` (README, "The reference model and the reward").
+    """
+
+    def __init__(self, cfg: ReferenceConfig, timeout_s: float = 120.0) -> None:
         from transformers import AutoTokenizer
 
         self.url = cfg.openai_url.rstrip("/")
-        self.model = cfg.model
         self.mode = cfg.answer_mode
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.timeout_s = timeout_s
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)  # scored ids, prompt check
         self.store = FrameStore(_transform_for(cfg.model))
+        served = [m["id"] for m in self._call("GET", self.url + "/models")["data"]]
+        if cfg.model not in served and len(served) != 1:
+            raise ConfigError(f"reference.model: {cfg.model!r} is not served at {self.url} "
+                              f"(it serves {served})")
+        self.model = cfg.model if cfg.model in served else served[0]
+        self._check_prompt_rendering()
         self.model_id = f"openai:{self.url}:{Path(cfg.model).resolve()}"
+
+    def _call(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
+        """One HTTP call; errors name the URL and what the server said, never hang."""
+        import requests as http
+
+        try:
+            resp = http.request(method, url, json=body, timeout=self.timeout_s)
+        except http.RequestException as e:
+            raise RuntimeError(f"{url}: no answer from the OpenAI-compatible server ({e})") from e
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def _check_prompt_rendering(self) -> None:
+        """A chat template that wraps messages (role tags, a system prompt) would score another
+        prompt than the other backends, silently: compare the server's tokens with ours."""
+        from refocus_ray.prompting import build_prompt
+
+        text = build_prompt("Which one?", ["first", "second"], 0, self.mode, "")
+        url = self.url.removesuffix("/v1") + "/tokenize"
+        got = self._call("POST", url, {
+            "model": self.model, "messages": [{"role": "user", "content": [
+                {"type": "text", "text": text}]}],
+            "add_generation_prompt": False, "add_special_tokens": True})["tokens"]  # fmt: skip
+        want = self.tokenizer.encode(text)
+        if got != want:
+            raise ConfigError(
+                f"reference.openai_url: the server at {self.url} renders a chat message as "
+                f"{len(got)} tokens {got[:12]}..., not as the prompt the vllm backend scores "
+                f"({len(want)} tokens {want[:12]}...); its chat template wraps messages: start "
+                f"it with --chat-template set to one that emits the message parts as they are "
+                f"(refocus_ray.forge.CHAT_TEMPLATE for Idefics3/SmolVLM)")
 
     def _message(self, r: ScoreRequest, frames: np.ndarray) -> list[dict[str, Any]]:
         import base64
@@ -230,24 +275,31 @@ class OpenAIBackend:
         parts.append({"type": "text", "text": build_prompt(r.question, r.options, 0, self.mode, "")})
         return [{"role": "user", "content": parts}]
 
-    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        import requests as http
-
+    def _score_one(self, r: ScoreRequest, frames: np.ndarray) -> list[float]:
         from refocus_ray.prompting import scored_token_ids
 
-        out = []
-        for r in requests:
-            ids = scored_token_ids(self.tokenizer, r.options, self.mode)
-            body = {"model": self.model, "messages": self._message(r, self.store.get(r.video, r.frames)),
-                    "max_tokens": 1, "temperature": 0, "logprobs": True, "top_logprobs": len(ids),
-                    "logprob_token_ids": ids, "add_generation_prompt": False}
-            resp = http.post(f"{self.url}/chat/completions", json=body, timeout=120)
-            if resp.status_code != 200:
-                raise RuntimeError(f"{self.url}: HTTP {resp.status_code}: {resp.text[:300]}")
-            top = resp.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-            by_token = {self.tokenizer.convert_tokens_to_ids(t["token"]): t["logprob"] for t in top}
-            out.append([float(by_token[i]) for i in ids])
-        return out
+        ids = scored_token_ids(self.tokenizer, r.options, self.mode)
+        # add_special_tokens: tokenize the rendered text as vLLM tokenizes a plain prompt;
+        # return_tokens_as_token_ids: read scores by id ("token_id:17"), not by decoded text
+        body = {"model": self.model, "messages": self._message(r, frames), "max_tokens": 1,
+                "temperature": 0, "logprobs": True, "logprob_token_ids": ids,
+                "return_tokens_as_token_ids": True, "add_generation_prompt": False,
+                "add_special_tokens": True}  # fmt: skip
+        out = self._call("POST", self.url + "/chat/completions", body)
+        top = out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        got = {int(t["token"].removeprefix("token_id:")): t["logprob"] for t in top}
+        missing = [i for i in ids if i not in got]
+        if missing:
+            raise RuntimeError(f"{self.url}: no log-prob for scored token ids {missing} "
+                               f"(options {list(r.options)})")
+        return [float(got[i]) for i in ids]
+
+    def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        frames = [self.store.get(r.video, r.frames) for r in requests]  # the store: one thread
+        with ThreadPoolExecutor(max_workers=max(1, min(len(requests), 16))) as pool:
+            return list(pool.map(self._score_one, requests, frames))
 
 
 def make_backend(cfg: ReferenceConfig) -> Backend:
