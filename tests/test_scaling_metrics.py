@@ -21,6 +21,13 @@ def test_a_batch_decodes_each_frame_of_a_video_once(clip_dir):
     frames = store.get(video, (150, 3, 200))
     assert frames.shape[0] == 3 and store.decoded == 5  # served from the store
     assert store.seconds > 0
+    # bounded in bytes (least recently used out), never losing the frames a call asked for
+    tiny = FrameStore(capacity_bytes=2 * frames[0].nbytes)
+    tiny.warm(group)
+    assert len(tiny.frames) == 5  # one batch's frames stay until it is served
+    assert tiny.get(video, (3, 40)).shape[0] == 2
+    assert len(tiny.frames) == 2 and tiny.nbytes <= tiny.capacity_bytes
+    assert tiny.get(video, (150, 200, 3)).shape[0] == 3 and tiny.decoded == 7
 
 
 @pytest.mark.vllm
