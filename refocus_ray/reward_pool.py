@@ -5,7 +5,9 @@ driver) routes each request to an actor by a hash of its video, so identical req
 the same actor's cache and a GRPO group (G requests on one video) stays in one engine batch and
 has its frames decoded once; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
 GPU or, here, on pinned CPU cores) and micro-batches: requests from all callers queue up while
-the engine runs, and the next engine call takes all of them (up to `max_batch`).
+the engine runs, and the next engine call takes all of them (up to `max_batch`). A caller
+answered less than `max_wait_ms` ago is expected back: the next engine call waits for it (at
+most that long), so callers in a loop share engine calls, and a lone caller never waits.
 
 Fault tolerance comes from Ray: actors are created with `max_restarts=-1` and
 `max_task_retries=-1`, so a dead actor is restarted and the calls in flight to it are retried;
@@ -19,6 +21,7 @@ import asyncio
 import hashlib
 import json
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +86,8 @@ class ScorerActor:
         self.inflight: dict[str, asyncio.Future] = {}
         self.queue: list[tuple[str, ScoreRequest]] = []
         self.arrived: dict[str, float] = {}  # key -> when it was queued (queue-wait stats)
+        self.owner: dict[str, str] = {}  # queued key -> the caller that sent it
+        self.answered: dict[str, float] = {}  # caller -> when its last batch was answered
         self.wake: asyncio.Event | None = None
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.stats = _Stats()
@@ -92,7 +97,9 @@ class ScorerActor:
         return {"model_id": self.model_id, "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "restarted": self.restarted}
 
-    async def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
+    async def score(self, requests: list[ScoreRequest], caller: str = "") -> list[list[float]]:
+        """Option scores per request; `caller` (a thread of some process) lets the batcher
+        wait for callers that are about to send their next call."""
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         if self.wake is None:
@@ -114,6 +121,7 @@ class ScorerActor:
                 fut = self.inflight[key] = loop.create_future()
                 self.queue.append((key, req))
                 self.arrived[key] = time.perf_counter()
+                self.owner[key] = caller
             futs.append(fut)
         self.wake.set()
         out = await asyncio.gather(*futs)
@@ -123,26 +131,47 @@ class ScorerActor:
     async def _batcher(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self.wake.wait()
+            if not self.queue:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            await self._wait_for_callers()
+            batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch:]
+            now = time.perf_counter()
+            self.stats.queue_wait_s += sum(now - self.arrived.pop(k, now) for k, _ in batch)
+            results = await loop.run_in_executor(self.executor, self._score_batch, batch)
+            self.stats.batches += 1
+            self.stats.batched_requests += len(batch)
+            now = time.perf_counter()
+            for (key, _), z in zip(batch, results):
+                self.answered[self.owner.pop(key, "")] = now
+                fut = self.inflight.pop(key)
+                if isinstance(z, Exception):
+                    fut.set_exception(z)
+                else:
+                    self.cache[key] = z
+                    fut.set_result(z)
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+
+    async def _wait_for_callers(self) -> None:
+        """Hold the next engine call while a caller answered less than `max_wait_ms` ago has
+        nothing queued: callers in a loop (env runners, benchmark threads) then share one
+        engine call instead of alternating. A fixed batching window did the same but also made
+        a lone caller wait `max_wait_ms` on every call, with the engine idle."""
+        window = self.cfg.max_wait_ms / 1e3
+        while len(self.queue) < self.cfg.max_batch:
+            now = time.perf_counter()
+            self.answered = {c: t for c, t in self.answered.items() if now - t < window}
+            queued = {self.owner.get(k, "") for k, _ in self.queue}
+            left = [t + window - now for c, t in self.answered.items() if c not in queued]
+            if not left:
+                return
             self.wake.clear()
-            if self.cfg.max_wait_ms > 0:
-                await asyncio.sleep(self.cfg.max_wait_ms / 1e3)  # let concurrent callers join
-            while self.queue:
-                batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch:]
-                now = time.perf_counter()
-                self.stats.queue_wait_s += sum(now - self.arrived.pop(k, now) for k, _ in batch)
-                results = await loop.run_in_executor(self.executor, self._score_batch, batch)
-                self.stats.batches += 1
-                self.stats.batched_requests += len(batch)
-                for (key, _), z in zip(batch, results):
-                    fut = self.inflight.pop(key)
-                    if isinstance(z, Exception):
-                        fut.set_exception(z)
-                    else:
-                        self.cache[key] = z
-                        fut.set_result(z)
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(left))
+            except TimeoutError:
+                return
 
     def _score_batch(self, batch: list[tuple[str, ScoreRequest]]) -> list[Any]:
         """One engine call; if it fails, score one by one so only the bad request fails."""
@@ -236,6 +265,7 @@ class RewardPool:
     def __init__(self, actors: list[ray.actor.ActorHandle], cfg: ReferenceConfig,
                  group: Any = None) -> None:
         self.actors, self.cfg, self.group = actors, cfg, group
+        self.client = ray.get_runtime_context().get_worker_id()  # + thread: one caller
         self.model_id = ray.get(actors[0].ready.remote())["model_id"]
 
     @staticmethod
@@ -269,7 +299,8 @@ class RewardPool:
         for i, req in enumerate(requests):
             a = int(hashlib.sha256(req.video.encode()).hexdigest()[:8], 16) % len(self.actors)
             by_actor.setdefault(a, []).append(i)
-        return [(idx, self.actors[a].score.remote([requests[i] for i in idx]))
+        caller = f"{self.client}:{threading.get_ident()}"
+        return [(idx, self.actors[a].score.remote([requests[i] for i in idx], caller))
                 for a, idx in by_actor.items()]
 
     @staticmethod
