@@ -132,17 +132,18 @@ PLACED = textwrap.dedent("""
         other = cluster.add_node(num_cpus=2, labels={"zone": "b"}, temp_dir=own)
         ray.init(address=cluster.address, log_to_driver=False)
         model = build_random_model("idefics3", tempfile.mkdtemp())
-        cfg = ReferenceConfig(model=str(model), answer_mode="letter", max_model_len=2048,
-                              pool_name="test-placed-scorer", label_selector={"zone": "b"},
-                              placement_strategy=sys.argv[1])
-        pool = RewardPool.start(cfg)
-        node = ray.get(pool.actors[0].ready.remote())["node_id"]
-        table = placement_group_table(pool.group) if pool.group is not None else {}
-        print(json.dumps({"node": node, "labelled": other.node_id,
-                          "head": cluster.head_node.node_id,
-                          "strategy": table.get("strategy"),
-                          "bundles": list(table.get("bundles", {}).values())}))
-        pool.shutdown()
+        for strategy in sys.argv[1:]:  # "-" = no placement group
+            cfg = ReferenceConfig(model=str(model), answer_mode="letter", max_model_len=2048,
+                                  pool_name=f"test-placed{strategy}", label_selector={"zone": "b"},
+                                  placement_strategy=strategy.strip("-"))
+            pool = RewardPool.start(cfg)
+            node = ray.get(pool.actors[0].ready.remote())["node_id"]
+            table = placement_group_table(pool.group) if pool.group is not None else {}
+            print(json.dumps({"node": node, "labelled": other.node_id,
+                              "head": cluster.head_node.node_id,
+                              "strategy": table.get("strategy"),
+                              "bundles": list(table.get("bundles", {}).values())}), flush=True)
+            pool.shutdown()
         ray.shutdown()
         cluster.shutdown()
 """)
@@ -150,11 +151,10 @@ PLACED = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.vllm
-@pytest.mark.parametrize("strategy", ["", "PACK"])
-def test_reward_actor_lands_on_the_labelled_node(tmp_path, strategy):
+def test_reward_actor_lands_on_the_labelled_node(tmp_path):
     """A real two-node Ray cluster (two raylets on 127.0.0.1): only node "b" carries the
-    label, so the scorer actor (a real vLLM engine) must start there, with or without a
-    placement group."""
+    label, so the scorer actor (a real vLLM engine) must start there, without and then with a
+    placement group (PACK)."""
     pytest.importorskip("vllm")
     script = tmp_path / "placed.py"
     script.write_text(PLACED)
@@ -163,10 +163,12 @@ def test_reward_actor_lands_on_the_labelled_node(tmp_path, strategy):
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, str(script), strategy], env=env, cwd=tmp_path, check=False,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, str(script), "-", "PACK"], env=env, cwd=tmp_path,
+                         check=False, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert res["node"] == res["labelled"] != res["head"]
-    if strategy:
-        assert res["strategy"] == strategy and res["bundles"] == [{"CPU": 1.0}]
+    plain, grouped = [json.loads(line) for line in out.stdout.splitlines()
+                      if line.startswith("{")]
+    for res in (plain, grouped):
+        assert res["node"] == res["labelled"] != res["head"]
+    assert plain["strategy"] is None
+    assert grouped["strategy"] == "PACK" and grouped["bundles"] == [{"CPU": 1.0}]
