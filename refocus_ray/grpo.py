@@ -66,7 +66,13 @@ from ray.rllib.utils.metrics import (
 )
 from torch import Tensor
 
-from envs.frame_selection import ENV_NAME, InProcessScorer, QuerySource, load_query_table
+from envs.frame_selection import (
+    ENV_NAME,
+    InProcessScorer,
+    QuerySource,
+    load_query_table,
+    register,
+)
 from refocus_ray.config import Config, ConfigError, build
 from refocus_ray.policy import PolicyBatch, PolicyConfig, SelectorPolicy, collate, example_from_pool
 
@@ -499,6 +505,9 @@ class GRPOConfig(AlgorithmConfig):
         `scorer` (an object with ``score(requests)``) replaces the reward pool; it only reaches
         envs in this process (num_env_runners = 0).
         """
+        # the env's name lives in the current Ray cluster's registry: register again
+        # (idempotent), so a driver that restarted Ray since importing the env still finds it
+        register()
         from refocus_ray.scoring import ReferenceConfig
 
         t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")

@@ -226,7 +226,9 @@ def check_settings(settings: Settings) -> None:
             raise ConfigError(f"serve.media_roots[{i}]: {root} is not a directory")
     if scfg.answer_model and not (Path(scfg.answer_model) / "config.json").is_file():
         raise ConfigError(f"serve.answer_model: {scfg.answer_model} is not a Hugging Face "
-                          "checkpoint directory (no config.json)")
+                          "checkpoint directory (no config.json); `make demo` forges the "
+                          "embedded one, or set serve.answer_model=null to serve without "
+                          "POST /v1/answer")
     if scfg.auth_required() and not read_token(scfg):
         raise ConfigError(f"serve.auth: host {scfg.host} is not loopback, so a bearer token is "
                           f"required: set ${scfg.token_env} or serve.token_file (or serve.auth="

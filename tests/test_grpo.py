@@ -391,3 +391,32 @@ def test_train_checkpoints_resumes_and_exports_the_policy(run_cfg, scorer):
     assert all(r["reward_calls"] == 1 and -1 < r["reward_mean"] < 1 for r in rows)
     policy = load(run / "train" / "policy")
     assert policy.cfg.d_model == POLICY["d_model"]
+
+
+def test_env_name_survives_a_ray_restart():
+    """RLlib finds the env by name in the current Ray cluster's registry, which a new cluster
+    does not have: building the algorithm registers it again (seen: a driver that restarted Ray
+    after importing the env failed with NameNotFound)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import ray\n"
+        "from ray.tune.registry import _global_registry, ENV_CREATOR\n"
+        "import envs.frame_selection as fs\n"
+        "from refocus_ray.config import load_config\n"
+        "from refocus_ray.grpo import GRPOConfig\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False); ray.shutdown()\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "before = _global_registry.contains(ENV_CREATOR, fs.ENV_NAME)\n"
+        "try:\n"
+        "    GRPOConfig.from_run_config(load_config(None, {'run_dir': 'none'}))\n"
+        "except Exception:\n"
+        "    pass  # no data here: only the registration on the way matters\n"
+        "print(before, _global_registry.contains(ENV_CREATOR, fs.ENV_NAME))\n"
+        "ray.shutdown()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                         text=True, timeout=300, cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr[-2000:]

@@ -402,7 +402,11 @@ def test_config_validation_names_keys(tmp_path, policy_dir):
     assert not ServeConfig().auth_required() and ServeConfig(host="0.0.0.0").auth_required()
     os.environ.pop("REFOCUS_SERVE_TOKEN", None)
     with pytest.raises(ConfigError, match="bearer token is required"):
-        service.settings_from_args({"checkpoint": str(policy_dir), "host": "0.0.0.0"})
+        service.settings_from_args({"checkpoint": str(policy_dir), "host": "0.0.0.0",
+                                    "answer_model": None})
+    with pytest.raises(ConfigError, match="serve.answer_model: .*make demo"):
+        service.settings_from_args({"checkpoint": str(policy_dir),
+                                    "answer_model": str(tmp_path / "no-such-model")})
     with pytest.raises(ConfigError, match="model.safetensors missing|policy.json missing"):
         service.settings_from_args({"checkpoint": str(tmp_path)})
     with pytest.raises(ServiceError):
