@@ -236,8 +236,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: Ray's socket paths are bounded
     for attempt in range(3):  # under load the raylet can miss Ray's fixed 30 s start window
         try:
-            ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, _temp_dir=tmp,
-                     dashboard_port=free_port())  # never 8265: another head may want it
+            ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False,
+                     _temp_dir=tmp, dashboard_port=free_port())  # 8265: another head's
             break
         except Exception as e:  # Ray raises a bare Exception for this; others re-raised
             ray.shutdown()

@@ -18,7 +18,9 @@ for _k, _v in {"VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}.items():  # fmt: skip
     os.environ.setdefault(_k, _v)
 
-LOCAL_RAY = {"num_cpus": 4, "include_dashboard": False, "log_to_driver": False}
+# address "local": always a new instance, never another job's Ray found on this machine
+LOCAL_RAY = {"address": "local", "num_cpus": 4, "include_dashboard": False,
+             "log_to_driver": False}
 
 
 def free_port() -> int:
@@ -127,10 +129,14 @@ def plumbing_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def plumbing_reference(plumbing_model) -> dict:
-    """The ``reference:`` section of a run scored by the plumbing model (letter mode)."""
+def plumbing_reference(plumbing_model, request) -> dict:
+    """The ``reference:`` section of a run scored by the plumbing model (letter mode).
+
+    The pool's actor name is per test module: a module's teardown kills its pool, and a name
+    that was just killed can still resolve to the dying actor for a while (get_if_exists)."""
+    module = request.module.__name__.rsplit(".", 1)[-1]
     return {"model": str(plumbing_model), "answer_mode": "letter",
-            "pool_name": "test-grpo-scorer", "max_model_len": 2048}
+            "pool_name": f"{module}-scorer", "max_model_len": 2048}
 
 
 @pytest.fixture(scope="module")
