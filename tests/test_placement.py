@@ -111,7 +111,7 @@ def test_placement_reaches_rllib_and_the_scorer_actor_options():
 
 
 PLACED = textwrap.dedent("""
-    import json, socket, sys, tempfile
+    import json, shutil, socket, sys, tempfile
     import ray
     from ray.cluster_utils import Cluster
     from ray.util.placement_group import placement_group_table
@@ -131,7 +131,7 @@ PLACED = textwrap.dedent("""
             "dashboard_port": free_port(), "temp_dir": own})
         other = cluster.add_node(num_cpus=2, labels={"zone": "b"}, temp_dir=own)
         ray.init(address=cluster.address, log_to_driver=False)
-        model = build_random_model("idefics3", tempfile.mkdtemp())
+        model = build_random_model("idefics3", tempfile.mkdtemp(dir="."))  # in tmp_path
         for strategy in sys.argv[1:]:  # "-" = no placement group
             cfg = ReferenceConfig(model=str(model), answer_mode="letter", max_model_len=2048,
                                   pool_name=f"test-placed{strategy}", label_selector={"zone": "b"},
@@ -146,6 +146,7 @@ PLACED = textwrap.dedent("""
             pool.shutdown()
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(own, ignore_errors=True)
 """)
 
 
