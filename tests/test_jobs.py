@@ -49,14 +49,19 @@ RUN = {  # the smallest run that exercises every stage
 
 
 def _processes_under(path: str) -> list:
-    """Processes whose command line names `path` (our head's temp dir: ours alone)."""
+    """Processes whose command line names `path` (our head's temp dir: ours alone), with all
+    their descendants (job drivers, their vLLM engine processes)."""
     import psutil
 
-    out = []
+    found = {}
     for p in psutil.process_iter(["pid", "cmdline"]):
         if any(path in a for a in p.info["cmdline"] or []):
-            out.append(p)
-    return out
+            try:
+                for q in [p, *p.children(recursive=True)]:
+                    found[q.pid] = q
+            except psutil.NoSuchProcess:
+                pass
+    return list(found.values())
 
 
 class Head:
@@ -101,14 +106,20 @@ class Head:
                 time.sleep(1)
 
     def stop(self) -> None:
+        import psutil
+
+        left = _processes_under(self.tmp)  # before they lose their parents
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)  # --block: stops every process it started
             try:
-                self.proc.wait(60)
+                self.proc.wait(15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-        for p in _processes_under(self.tmp):  # anything left: ours, by pid
-            p.kill()
+        for p in left + _processes_under(self.tmp):  # anything still there: ours, by pid
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
