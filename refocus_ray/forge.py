@@ -571,12 +571,12 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
             f"beside the table); for other datasets use a pretrained reference model"
         )
     tracks, clips = load_tracks(layout, {vid: times for vid, (_, times) in pools.items()})
-    qs = _questions(rows, pools)
-    modes = prompting.MODES
-    texts = [prompting.build_prompt(q.question, q.options, 0, m, "") for q in qs for m in modes]
+    modes = prompting.MODES  # the table's questions only seed the tokenizer and the families
+    texts = [prompting.build_prompt(r["question"], r["options"], 0, m, "") for r in rows
+             for m in modes]  # fmt: skip
     words = [*OBJECTS, *COUNT_WORDS, *clips, *RANK_WORDS]  # answers and auxiliary labels
     required = sorted(
-        {s for q in qs for m in modes for s in prompting.answer_surfaces(q.options, m)}
+        {s for r in rows for m in modes for s in prompting.answer_surfaces(r["options"], m)}
         | set(prompting.answer_surfaces(words, "content"))
     )
     tok, processor, model = init_model(cfg, texts, required)
@@ -602,7 +602,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     word_of = {label_ids([o])[0]: o for o in OBJECTS}  # object word token -> object
     rank_tok = label_ids(list(RANK_WORDS))
 
-    families = sorted({q.family for q in qs})
+    families = sorted({r["family"] for r in rows})
     first = ["appear"] if "appear" in families else families
     track_list = [tracks[v] for v in sorted(tracks)]
     rng = np.random.default_rng(cfg.seed)
@@ -666,7 +666,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     train_s = time.time() - t0
     ckpt = save_checkpoint(model.eval(), processor, cfg, out / "checkpoint")
     meta = {"train_seconds": round(train_s, 1), "cache_seconds": round(cache_s, 1),
-            "train_questions": len(qs), "params": sum(p.numel() for p in model.parameters()),
+            "train_questions": len(rows), "params": sum(p.numel() for p in model.parameters()),
             "log": log}  # fmt: skip
     (out / "train_log.json").write_text(json.dumps(meta))
     return ckpt

@@ -157,9 +157,10 @@ def _with_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
         return Example(family, question_text("first"), opts, opts.index(first), pos, True)
     if family == "after":
         x, nxt = about
-        others = [o for o in track.order if o not in (x, nxt)]
-        others += [o for o in OBJECTS if o not in others and o not in (x, nxt)]
-        opts, a = _with_answer(rng, nxt, _pick(rng, others[: max(3, len(track.order) - 2)], 3))
+        others = [o for o in track.order if o not in (x, nxt)]  # like the benchmark's options
+        if len(others) < 3:  # a video with fewer objects: pad with absent ones
+            others += [o for o in OBJECTS if o not in track.order][: 3 - len(others)]
+        opts, a = _with_answer(rng, nxt, _pick(rng, others, 3))
         return Example(family, question_text("after", x=x), opts, a, pos, True)
     c = len(about)  # count: the listed objects shown, and 4 - c listed that are not
     listed = _pick(rng, about + _pick(rng, unseen, 4 - c), 4)
