@@ -81,7 +81,9 @@ class VLLMScorer:
             model=str(self.model_dir),
             dtype=dtype,
             enforce_eager=enforce_eager,
-            max_model_len=max_model_len or min(max_pos, 256 + 64 * max_frames),
+            # never above the model's own position limit: vLLM refuses to start beyond it (a
+            # 2,048-position forged model under a 4,096 default was the failure)
+            max_model_len=min(max_model_len or 256 + 64 * max_frames, max_pos),
             limit_mm_per_prompt={"image": max_frames},
             **llm_kwargs,
         )

@@ -85,7 +85,9 @@ def app_url(ray_local, media, policy_dir, tmp_path_factory):
         "media_roots": [str(media["root"])],
         "set": {"serve.max_upload_mb": 1, "serve.max_k": 32, "serve.auth": "token",
                 "serve.token_file": str(d / "token"), "serve.answer_model": str(model),
-                "serve.answer_max_frames": 8, "serve.answer_max_model_len": 2048,
+                # answer_max_model_len left at its default (4096): the 2,048-position model
+                # must still start (the limit is capped at the model's own)
+                "serve.answer_max_frames": 8,
                 "serve.decode_timeout_s": 60, "serve.threads": 1,
                 "serve.batch_wait_timeout_s": 0.05},
     })
