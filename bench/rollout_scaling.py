@@ -3,6 +3,7 @@
 How to run (after `refocus prepare` has cached the embedded pools):
     nice -n 15 .venv/bin/python bench/rollout_scaling.py --json out.json --png out.png
     nice -n 15 .venv/bin/python bench/rollout_scaling.py --layouts 1x1m8,2x2,2x1,1x2,1x1
+    nice -n 15 .venv/bin/python bench/rollout_scaling.py --layouts 1x1,2x2 --async --iterations 6
 
 Workload: real GRPO iterations of the embedded config (configs/embedded.yaml: its cached pools
 and query features, the Transformer selector), K = 4, groups of G = 8, 8 groups (64 episodes)
@@ -27,6 +28,11 @@ Per layout (reward actors x env runners), after one warm-up iteration:
 Then the "larger groups per request" variant 1x1m8: 1 actor x 1 runner with all 8 groups in
 one sampling round (one reward call of 64 requests instead of two of 32). The load on a shared
 machine drifts during a run: run the layouts in both orders (--layouts) and compare.
+`--async` measures each layout twice in a row, synchronous then with `train.async_sampling`
+(a layout `AxRa` is async alone): the env runners sample iteration i + 1 while the learner
+learns on i, so the learner's waiting (`learner_wait_frac`: the driver's wait for rollouts over
+the iteration) should drop; printed: the async / sync ratio of episodes/s and both wait shares.
+*runner busy* = each runner's sampling time over the iteration's wall time (1 = never idle).
 Two cores cannot show speed-up from more actors or runners; the point is the breakdown. The
 machine is shared: the 1-minute load average is recorded per layout.
 """
@@ -74,7 +80,7 @@ def reference_model(cfg) -> tuple[str, str, str]:
 
 
 def run_layout(cfg_path: str, reference: dict, actors: int, runners: int, groups_per_runner: int,
-               iterations: int, seed: int, pool) -> dict[str, Any]:
+               iterations: int, seed: int, pool, async_sampling: bool = False) -> dict[str, Any]:
     """Warm-up + `iterations` GRPO iterations of one layout; figures from metrics and pool."""
     from refocus_ray.config import load_config
     from refocus_ray.grpo import GRPOConfig
@@ -85,6 +91,7 @@ def run_layout(cfg_path: str, reference: dict, actors: int, runners: int, groups
         "train.num_env_runners": runners, "train.group_size": G,
         "train.groups_per_env_runner": groups_per_runner, "train.groups_per_batch": GROUPS,
         "train.curriculum": [[K, 10_000]], "train.seed": seed, "train.options_dropout": 0.0,
+        "train.async_sampling": async_sampling,
     })
     algo = GRPOConfig.from_run_config(cfg).build_algo()
     try:
@@ -99,7 +106,9 @@ def run_layout(cfg_path: str, reference: dict, actors: int, runners: int, groups
         after = pool.stats()
     finally:
         algo.stop()
-    return summarise(rows, before, after, actors, runners, groups_per_runner, load)
+    out = summarise(rows, before, after, actors, runners, groups_per_runner, load)
+    return {**out, "async": async_sampling,
+            "layout": out["layout"] + (" async" if async_sampling else "")}
 
 
 def summarise(rows: list[dict], before: list[dict], after: list[dict], actors: int,
@@ -136,6 +145,7 @@ def summarise(rows: list[dict], before: list[dict], after: list[dict], actors: i
                            - tot("time_reward_wait_s")) / n / runners,
         "reward_wait_frac": tot("time_reward_wait_s") / max(tot("time_sample_s"), 1e-9),
         "runner_overlap": tot("time_sample_s") / max(tot("time_rollout_s"), 1e-9),
+        "runner_busy": tot("time_sample_s") / runners / wall,
         "reward_calls_per_iteration": tot("reward_calls") / n,
         "requests_per_call": tot("reward_requests") / max(tot("reward_calls"), 1),
         "client_wait_ms_per_call": 1e3 * tot("time_reward_wait_s") / max(tot("reward_calls"), 1),
@@ -155,7 +165,8 @@ COLUMNS = [("layout", "{}"), ("episodes_per_s", "{:.1f}"), ("episodes_per_s_best
            ("iteration_s", "{:.2f}"), ("rollout_s", "{:.2f}"), ("learn_s", "{:.2f}"),
            ("learner_wait_frac", "{:.2f}"), ("runner_policy_s", "{:.2f}"),
            ("runner_reward_wait_s", "{:.2f}"), ("runner_other_s", "{:.2f}"),
-           ("runner_overlap", "{:.2f}"), ("queue_wait_ms", "{:.1f}"), ("fetch_ms", "{:.1f}"),
+           ("runner_overlap", "{:.2f}"), ("runner_busy", "{:.2f}"), ("queue_wait_ms", "{:.1f}"),
+           ("fetch_ms", "{:.1f}"),
            ("engine_ms", "{:.1f}"), ("mean_engine_batch", "{:.0f}"),
            ("busiest_actor_share", "{:.2f}"), ("load_1min", "{:.1f}")]
 
@@ -168,6 +179,25 @@ def table(results: list[dict]) -> str:
         cells = [name] + [f.format(r[c]) for c, f in COLUMNS[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def compare_async(results: list[dict]) -> list[dict]:
+    """Per layout measured both ways: async / sync episodes/s and the learner's wait shares."""
+    def key(r: dict) -> tuple:
+        return r["reward_actors"], r["env_runners"], r["groups_per_request"]
+
+    sync = {key(r): r for r in results if not r["async"]}
+    out = []
+    for a in (r for r in results if r["async"] and key(r) in sync):
+        s = sync[key(a)]
+        out.append({"layout": s["layout"],
+                    "episodes_per_s": [s["episodes_per_s"], a["episodes_per_s"]],
+                    "ratio": a["episodes_per_s"] / s["episodes_per_s"],
+                    "ratio_best": a["episodes_per_s_best"] / s["episodes_per_s_best"],
+                    "learner_wait_frac": [s["learner_wait_frac"], a["learner_wait_frac"]],
+                    "runner_busy": [s["runner_busy"], a["runner_busy"]],
+                    "load_1min": [s["load_1min"], a["load_1min"]]})
+    return out
 
 
 def plot(results: list[dict], out_png: str, title: str) -> None:
@@ -213,7 +243,10 @@ def main() -> None:
     ap.add_argument("--config", default="configs/embedded.yaml")
     ap.add_argument("--iterations", type=int, default=4, help="measured per layout")
     ap.add_argument("--layouts", default="1x1,1x2,2x1,2x2,1x1m8",
-                    help="in this order: actors x runners [m groups per runner and call]")
+                    help="in this order: actors x runners [m groups per runner and call] "
+                         "[a: asynchronous sampling]")
+    ap.add_argument("--async", dest="both", action="store_true",
+                    help="run each layout synchronous, then with train.async_sampling")
     ap.add_argument("--pin", action="store_true", help="pin engine i to core i")
     ap.add_argument("--json")
     ap.add_argument("--png")
@@ -248,12 +281,15 @@ def main() -> None:
     results = []
     try:
         runs = []
-        for spec in args.layouts.split(","):  # "AxR" (M = 4: 32 requests a call) or "AxRmM"
+        for j, spec in enumerate(args.layouts.split(",")):  # "AxR" (M = 4), "AxRmM", +"a"
+            spec, is_async = spec.removesuffix("a"), spec.endswith("a")
             ar, _, m = spec.partition("m")
             a, r = (int(v) for v in ar.split("x"))
-            runs.append((a, r, int(m or GROUPS // 2), bool(m)))
-        for i, (a, r, m, variant) in enumerate(runs):
-            res = run_layout(args.config, ref_section, a, r, m, args.iterations, 100 + i, pool)
+            for mode in ([False, True] if args.both and not is_async else [is_async]):
+                runs.append((j, a, r, int(m or GROUPS // 2), bool(m), mode))
+        for j, a, r, m, variant, mode in runs:  # seed per layout: sync and async alike
+            res = run_layout(args.config, ref_section, a, r, m, args.iterations, 100 + j, pool,
+                             async_sampling=mode)
             res["variant"] = variant
             results.append(res)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
@@ -264,10 +300,19 @@ def main() -> None:
     print(f"\nK={K}, G={G}, {GROUPS} groups ({GROUPS * G} episodes) per iteration, "
           f"{args.iterations} measured iterations per layout; reference: {described}")
     print(table(results))
+    pairs = compare_async(results)
+    for c in pairs:
+        print(f"{c['layout']}: async / sync episodes/s {c['ratio']:.2f}x (best iteration "
+              f"{c['ratio_best']:.2f}x; {c['episodes_per_s'][0]:.1f} -> "
+              f"{c['episodes_per_s'][1]:.1f}); learner waits {c['learner_wait_frac'][0]:.2f} -> "
+              f"{c['learner_wait_frac'][1]:.2f} of the iteration; runner busy "
+              f"{c['runner_busy'][0]:.2f} -> {c['runner_busy'][1]:.2f}; load "
+              f"{c['load_1min'][0]:.1f} / {c['load_1min'][1]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"reference": described, "k": K, "group_size": G,
                                                "groups_per_iteration": GROUPS,
-                                               "results": results}, indent=2))
+                                               "results": results, "async_vs_sync": pairs},
+                                              indent=2))
     if args.png:
         plot(results, args.png, f"GRPO rollouts on 2 shared cores, K={K}, "
              f"{GROUPS}x{G} episodes/iteration; reference: {described}")

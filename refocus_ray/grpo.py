@@ -16,7 +16,8 @@ critic). The pieces, top to bottom:
   * `SelectorRLModule`: a `TorchRLModule` around `policy.SelectorPolicy`.
   * `GRPOLearner`: a `TorchLearner` whose loss is `grpo_loss`.
   * `GRPOConfig` / `GRPO`: the algorithm: sample complete groups, update, sync weights, advance
-    the K curriculum, log metrics.
+    the K curriculum, log metrics. ``train.async_sampling`` samples the next iteration's groups
+    on the env runners while the learner updates on this one (see `GRPO`).
 
 How the autoregressive policy meets RLlib's one-action-per-step loop
 --------------------------------------------------------------------
@@ -45,6 +46,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -350,6 +352,8 @@ class TrainConfig:
     options_dropout: float = 0.25  # share of groups whose query hides the options
     num_env_runners: int = 0
     groups_per_env_runner: int = 4  # M: one vector env runs G * M episodes at once
+    # sample iteration i + 1 on the env runners while learning on i (needs num_env_runners > 0)
+    async_sampling: bool = False
     # placement (refocus_ray/placement.py): resources per env runner and per learner
     num_cpus_per_env_runner: float = 1.0
     num_gpus_per_env_runner: float = 0.0
@@ -365,7 +369,9 @@ class TrainConfig:
     def check(self, key: str) -> None:
         check_grpo_settings(key, self.group_size, self.groups_per_batch, self.minibatch_groups,
                             self.num_epochs, self.clip, self.entropy_coeff,
-                            self.curriculum, self.options_dropout)
+                            self.curriculum, self.options_dropout,
+                            async_sampling=self.async_sampling,
+                            num_env_runners=self.num_env_runners)
         for name in ("iterations", "groups_per_env_runner", "checkpoint_every", "lr"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(self, name)!r}")
@@ -386,8 +392,13 @@ class TrainConfig:
 
 def check_grpo_settings(key: str, group_size: int, groups_per_batch: int, minibatch_groups: int,
                         num_epochs: int, clip: float, entropy_coeff: float, curriculum: Any,
-                        options_dropout: float) -> None:
+                        options_dropout: float, *, async_sampling: bool = False,
+                        num_env_runners: int = 0) -> None:
     """Shared by TrainConfig and GRPOConfig; errors name ``<key>.<field>``."""
+    if async_sampling and num_env_runners < 1:
+        raise ConfigError(f"{key}.async_sampling: needs {key}.num_env_runners >= 1, got "
+                          f"{num_env_runners} (with no remote env runners the driver samples "
+                          "itself and cannot sample while it learns)")
     if group_size < 2:
         raise ConfigError(f"{key}.group_size: must be >= 2 (GRPO needs a reward spread), "
                           f"got {group_size}")
@@ -437,6 +448,7 @@ class GRPOConfig(AlgorithmConfig):
         self.adv_eps = 1e-6
         self.curriculum = [[4, 50], [8, 50], [16, 50], [32, 50]]
         self.options_dropout = 0.25
+        self.async_sampling = False
         self.lr = 1e-4
         self.grad_clip = 1.0
         self.batch_mode = "complete_episodes"
@@ -445,13 +457,15 @@ class GRPOConfig(AlgorithmConfig):
     def training(self, *, group_size=NotProvided, groups_per_batch=NotProvided,
                  minibatch_groups=NotProvided, num_epochs=NotProvided, clip_param=NotProvided,
                  entropy_coeff=NotProvided, adv_eps=NotProvided, curriculum=NotProvided,
-                 options_dropout=NotProvided, **kwargs) -> GRPOConfig:
+                 options_dropout=NotProvided, async_sampling=NotProvided,
+                 **kwargs) -> GRPOConfig:
         super().training(**kwargs)
         given = {
             "group_size": group_size, "groups_per_batch": groups_per_batch,
             "minibatch_groups": minibatch_groups, "num_epochs": num_epochs,
             "clip_param": clip_param, "entropy_coeff": entropy_coeff, "adv_eps": adv_eps,
             "curriculum": curriculum, "options_dropout": options_dropout,
+            "async_sampling": async_sampling,
         }  # fmt: skip
         for name, value in given.items():
             if value is not NotProvided:
@@ -467,7 +481,10 @@ class GRPOConfig(AlgorithmConfig):
         super().validate()
         check_grpo_settings("train", self.group_size, self.groups_per_batch,
                             self.minibatch_groups, self.num_epochs, self.clip_param,
-                            self.entropy_coeff, self.curriculum, self.options_dropout)
+                            self.entropy_coeff, self.curriculum, self.options_dropout,
+                            # RLlib's evaluation copy (0 runners) never trains: not checked
+                            async_sampling=self.async_sampling and not self.in_evaluation,
+                            num_env_runners=self.num_env_runners)
         if self.num_envs_per_env_runner % self.group_size:
             raise ConfigError(f"env_runners.num_envs_per_env_runner: must be a multiple of "
                               f"train.group_size={self.group_size}, got "
@@ -550,7 +567,7 @@ class GRPOConfig(AlgorithmConfig):
                 minibatch_groups=t.minibatch_groups, num_epochs=t.num_epochs,
                 clip_param=t.clip, entropy_coeff=t.entropy_coeff, adv_eps=t.adv_eps,
                 curriculum=[list(s) for s in t.curriculum], options_dropout=t.options_dropout,
-                lr=t.lr, grad_clip=t.grad_clip,
+                async_sampling=t.async_sampling, lr=t.lr, grad_clip=t.grad_clip,
             )
             .rl_module(model_config={"policy": policy.to_dict(),
                                      "query_source": source.to_dict()})
@@ -577,36 +594,91 @@ def _sample_round(runner: Any, k: int, cursor: int, num_episodes: int) -> tuple:
     return episodes, runner.get_metrics(), stats
 
 
+@dataclass
+class Rollouts:
+    """The sampling rounds of one iteration, launched: `GRPO._collect` waits for them."""
+
+    iteration: int
+    k: int  # the curriculum's K at `iteration`: every episode of these rounds has it
+    tags: list[str] = field(default_factory=list)  # RLlib async-request tags (remote runners)
+    done: list[tuple] = field(default_factory=list)  # rounds sampled in the driver already
+
+
 class GRPO(Algorithm):
-    """GRPO on whole groups: sample -> group advantages -> clipped update -> sync weights."""
+    """GRPO on whole groups: sample -> group advantages -> clipped update -> sync weights.
+
+    Iteration i samples ``groups_per_batch`` groups in rounds (round r: every env runner runs
+    its G * M episodes from query cursor ``(i * rounds + r) * M``, so the query stream depends on
+    i alone), with the curriculum's K at i.
+
+    ``async_sampling``: iteration i launches iteration i + 1's rounds on the remote env runners
+    right after collecting its own, then learns, so sampling overlaps the update (and the
+    weight sync, which the runners apply after those rounds). The batch learned at i + 1 was
+    therefore sampled by weights one update behind the learner's (one-step off-policy). The
+    loss needs nothing else: its ratio rho = pi_new / pi_old uses the behaviour log-probs the
+    sampler recorded, and the PPO clip bounds how far the update follows the stale data (clip_frac
+    and approx_kl show how stale it was). Groups, K and queries are those of synchronous
+    sampling: a launch carries its iteration's K and cursors, so the episodes learned at i have
+    the K of i (the iteration they were sampled *for*) and no question is skipped or repeated.
+    In-flight rounds are not part of a checkpoint: a resumed (or restored) algorithm drops
+    them and launches iteration i's rounds again, from the same cursors, with the restored
+    weights. ``time_rollout_s`` is the time the driver spent getting the batch (sync: all of
+    sampling; async: waiting for rounds still running, plus launching the next).
+    """
+
+    _next: Rollouts | None = None  # async: the next iteration's rounds, in flight
 
     @classmethod
     def get_default_config(cls) -> GRPOConfig:
         return GRPOConfig()
 
+    def _launch(self, it: int) -> Rollouts:
+        """Start iteration `it`'s rounds. Remote env runners queue them (an actor runs its
+        calls in order) and this returns at once; with none, the driver's env runner samples
+        them here."""
+        c: GRPOConfig = self.config
+        out = Rollouts(it, k_at(c.curriculum, it))
+        rounds = c.groups_per_batch // c.groups_per_round
+        for r in range(rounds):
+            cursor = (it * rounds + r) * (c.num_envs_per_env_runner // c.group_size)
+            sample = partial(_sample_round, k=out.k, cursor=cursor,
+                             num_episodes=c.num_envs_per_env_runner)
+            if self.env_runner_group.num_remote_workers() > 0:
+                out.tags.append(f"grpo-sample-{it}-{r}")  # unique: RLlib caps in-flight per tag
+                self.env_runner_group.foreach_env_runner_async(sample, tag=out.tags[-1])
+            else:
+                out.done.append(sample(self.env_runner))
+        return out
+
+    def _collect(self, rollouts: Rollouts) -> list[tuple]:
+        """Wait for a launch's rounds: results round by round, env runners in index order. A
+        failed runner's round is missing (RLlib takes the runner out of service and restores
+        it), as with synchronous sampling."""
+        out = list(rollouts.done)
+        for tag in rollouts.tags:
+            ready = self.env_runner_group.fetch_ready_async_reqs(tags=tag, timeout_seconds=None)
+            out.extend(result for _, result in sorted(ready, key=lambda r: r[0]))
+        return out
+
     def training_step(self) -> None:
         c: GRPOConfig = self.config
         it = self.training_iteration  # completed iterations (restored on resume)
-        k = k_at(c.curriculum, it)
-        groups_per_runner = c.num_envs_per_env_runner // c.group_size
-        rounds = c.groups_per_batch // c.groups_per_round
-        local = self.env_runner_group.num_remote_workers() <= 0
 
-        # 1. rollouts: `rounds` synchronous rounds, each = every runner runs its G * M episodes
+        # 1. rollouts: this iteration's rounds (launched last iteration in async mode, unless
+        #    this is the first iteration of this process); async: launch the next before learning
         t0 = time.perf_counter()
+        launched, self._next = self._next, None
+        if launched is None or launched.iteration != it:  # anything else in flight is dropped
+            launched = self._launch(it)
         episodes, runner_metrics, env_stats = [], [], defaultdict(float)
-        for r in range(rounds):
-            cursor = (it * rounds + r) * groups_per_runner
-            out = self.env_runner_group.foreach_env_runner(
-                lambda runner, cursor=cursor: _sample_round(
-                    runner, k, cursor, c.num_envs_per_env_runner),
-                local_env_runner=local,
-            )
-            for eps, metrics, stats in out:
-                episodes.extend(eps)
-                runner_metrics.append(metrics)
-                for key, v in stats.items():
-                    env_stats[key] += v
+        for eps, metrics, stats in self._collect(launched):
+            episodes.extend(eps)
+            runner_metrics.append(metrics)
+            for key, v in stats.items():
+                env_stats[key] += v
+        if c.async_sampling:
+            self._next = self._launch(it + 1)
+        k = launched.k
         t_rollout = time.perf_counter() - t0
         self.metrics.aggregate(runner_metrics, key=ENV_RUNNER_RESULTS)
 
@@ -640,8 +712,10 @@ class GRPO(Algorithm):
         # 4. new weights to the env runners
         t2 = time.perf_counter()
         if updates:
+            # timeout None: wait for the previous push to land first (RLlib silently skips a
+            # runner whose last push is in flight; in async mode it queues behind sampling)
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
-                                               inference_only=True)
+                                               inference_only=True, timeout_seconds=None)
         t_sync = time.perf_counter() - t2
 
         # 5. metrics of this iteration
@@ -657,7 +731,7 @@ class GRPO(Algorithm):
             # summed over env runners: sampling = policy + reward wait + env/connector work
             "time_sample_s": env_stats["sample_s"], "time_policy_s": env_stats["policy_s"],
             "reward_wait_frac": env_stats["reward_wait_s"] / max(env_stats["sample_s"], 1e-9),
-            # the learner idles while rollouts run (synchronous sampling)
+            # share of the iteration the driver (learner) waited for rollouts
             "learner_wait_frac": t_rollout / max(t_rollout + t_learn + t_sync, 1e-9),
             "reward_calls": env_stats["reward_calls"],
             "reward_requests": env_stats["reward_requests"],
