@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     fo = sub.add_parser(
         "forge-reference", help="train the embedded reference VLM (Idefics3) that vLLM serves",
         description="Train a small Idefics3 VLM from scratch on the benchmark's train split "
-        "(chronological frame subsets of 4..32 frames, with and without the evidence), save a "
+        "(questions synthesized from layout.json about chronological subsets of 1..16 frames "
+        "(forge.min_k..max_k), with and without the evidence), save a "
         "standard Hugging Face checkpoint that vLLM loads unchanged, and write "
         "forge_report.json: accuracy and margin on val at K = 4 and 8 with and without "
         "evidence, per family, scored through vLLM. Cached: a second run reuses it.",
