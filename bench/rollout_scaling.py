@@ -281,14 +281,16 @@ def main() -> None:
     results = []
     try:
         runs = []
-        for j, spec in enumerate(args.layouts.split(",")):  # "AxR" (M = 4), "AxRmM", +"a"
+        for spec in args.layouts.split(","):  # "AxR" (M = 4: 32 requests a call), "AxRmM", +"a"
             spec, is_async = spec.removesuffix("a"), spec.endswith("a")
             ar, _, m = spec.partition("m")
             a, r = (int(v) for v in ar.split("x"))
             for mode in ([False, True] if args.both and not is_async else [is_async]):
-                runs.append((j, a, r, int(m or GROUPS // 2), bool(m), mode))
-        for j, a, r, m, variant, mode in runs:  # seed per layout: sync and async alike
-            res = run_layout(args.config, ref_section, a, r, m, args.iterations, 100 + j, pool,
+                runs.append((a, r, int(m or GROUPS // 2), bool(m), mode))
+        for i, (a, r, m, variant, mode) in enumerate(runs):
+            # a seed per run: the pool caches frames and scores, so a run repeating the
+            # previous run's questions would be served from its cache
+            res = run_layout(args.config, ref_section, a, r, m, args.iterations, 100 + i, pool,
                              async_sampling=mode)
             res["variant"] = variant
             results.append(res)

@@ -453,6 +453,11 @@ class GRPOConfig(AlgorithmConfig):
         self.grad_clip = 1.0
         self.batch_mode = "complete_episodes"
         self.gym_env_vectorize_mode = gym.VectorizeMode.VECTOR_ENTRY_POINT
+        # the env runners' connectors hold no state (observations are indices, no filters):
+        # RLlib's after-iteration gather + broadcast of connector states only costs a blocking
+        # get_state on every runner, which with async sampling waits out its in-flight rounds
+        self.merge_env_runner_states = False
+        self.broadcast_env_runner_states = False
 
     def training(self, *, group_size=NotProvided, groups_per_batch=NotProvided,
                  minibatch_groups=NotProvided, num_epochs=NotProvided, clip_param=NotProvided,
