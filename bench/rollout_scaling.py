@@ -32,7 +32,8 @@ machine drifts during a run: run the layouts in both orders (--layouts) and comp
 (a layout `AxRa` is async alone): the env runners sample iteration i + 1 while the learner
 learns on i, so the learner's waiting (`learner_wait_frac`: the driver's wait for rollouts over
 the iteration) should drop; printed: the async / sync ratio of episodes/s and both wait shares.
-*runner busy* = each runner's sampling time over the iteration's wall time (1 = never idle).
+*runner busy* = each runner's sampling time over the iteration's wall time (1 = never idle);
+in async rows *runner overlap* (sampling over the driver's wait) is not a concurrency measure.
 Two cores cannot show speed-up from more actors or runners; the point is the breakdown. The
 machine is shared: the 1-minute load average is recorded per layout.
 """
