@@ -29,17 +29,34 @@ one engine). Inputs, each marked measured (M, this machine, printed) or assumed 
   A  the learner's update of a step on its GPU --learner-s 2 s; weight sync --sync-s 0.3 s;
      --price 2.5 USD per GPU-hour
 
-Per step (synchronous, as refocus_ray/grpo.py runs it):
-    T_step = T_policy + T_reward + T_learn + T_sync
+Per step, both ways refocus_ray/grpo.py runs it:
+    synchronous (train.async_sampling: false)   T_step = T_rollout + T_learn + T_sync
+    asynchronous (train.async_sampling: true)   T_step = max(T_rollout, T_learn + T_sync)
+    T_rollout = T_policy + T_reward
     T_reward = call overhead + (requests on the busiest engine) x t_request
     t_request, as built = t_gpu(K) + t_cpu(K): the scorer actor decodes the group's frames
     from the video and vLLM's processor prepares them before the prefill, in one thread;
     pre-extracted = max(t_gpu, K x (JPEG decode + prepare) / 4 CPUs): frames stored once per
     video at 448 px and prepared by the actor's 4 CPUs while the GPU runs (not built yet).
+
+The asynchronous form assumes GRPO's one-step off-policy overlap (its docstring): step i + 1's
+rollouts run on the env runners and reward engines while the learner (its own GPU) updates on
+step i and pushes the weights, which the runners load between rounds; the learner waits only
+for what is left of the rollout, and no deeper pipelining (never two steps ahead). It saves
+min(T_rollout, T_learn + T_sync) per step: nothing once the rollout dominates.
+
 The busiest engine's share is simulated: 64 groups hashed onto N engines (routing by video, as
 built: a group's frames are decoded once) or 1,024 requests (one by one: better balance once
 decoding no longer needs the group together). A third column runs the pre-extracted design with
 64 env runners of one group each (policy time per step / 4).
+
+Prints the measured inputs, then two tables per reward-GPU count: the synchronous step
+(episodes/s, hours, USD per 1,000 steps, the reward share of a K = 32 step) and the same
+designs with asynchronous sampling, with the same-run ratios async / sync of episodes/s and of
+USD per 1,000 steps and rollout / (learn + sync) over the curriculum's K (below 1, the learner
+side sets the asynchronous step). Without --reuse it measures first (per K, 2 policy samples of
+4 groups, 1 of one group and 2 learner passes: ~2 min at the times docs/scaling.md lists); with
+--reuse it prints in under a second.
 """
 
 from __future__ import annotations
@@ -215,28 +232,43 @@ def main() -> None:
         ("extracted_64_runners", GROUPS * G, GROUPS,
          lambda st: max(st["t_gpu_s"], st["t_cpu_extracted_s"] / CPUS_PER_ACTOR)),
     ]
+    steps_total = sum(steps for _, steps in CURRICULUM)
+    learner_side = args.learner_s + args.sync_s  # what async sampling overlaps
     rows = []
     for n in map(int, args.gpus.split(",")):
         row: dict = {"reward_gpus": n, "gpus": n + 1}
         for mode, units, runners, t_req in modes:
             share = busiest_share(n, units)
-            total = 0.0
+            total = {"": 0.0, "async_": 0.0}
+            rollout_bound = 0  # async: steps set by the rollout side (learner waits)
             for k, steps in CURRICULUM:
                 st = stages[k]
                 reward = call_overhead_s + share * GROUPS * G * t_req(st)
                 policy = st["policy_s"] * (GROUPS / runners) / 4  # measured for 4 groups
-                step = policy + reward + args.learner_s + args.sync_s
-                total += steps * step
+                rollout = policy + reward
+                step = rollout + learner_side
+                total[""] += steps * step
+                total["async_"] += steps * max(rollout, learner_side)
+                rollout_bound += steps * (rollout >= learner_side)
+                row.setdefault(f"{mode}_rollout_over_learner", {})[k] = rollout / learner_side
                 if k == 32:
                     row[f"{mode}_reward_frac_k32"] = reward / step
-            mean_step = total / sum(st for _, st in CURRICULUM)
             row[f"{mode}_busiest_share"] = share
-            row[f"{mode}_episodes_per_s"] = GROUPS * G / mean_step
-            row[f"{mode}_hours_per_1000"] = 1000 * mean_step / 3600
-            row[f"{mode}_usd_per_1000"] = row[f"{mode}_hours_per_1000"] * (n + 1) * args.price
+            row[f"{mode}_async_rollout_bound_frac"] = rollout_bound / steps_total
+            for how, t in total.items():
+                mean_step = t / steps_total
+                row[f"{mode}_{how}episodes_per_s"] = GROUPS * G / mean_step
+                row[f"{mode}_{how}hours_per_1000"] = 1000 * mean_step / 3600
+                row[f"{mode}_{how}usd_per_1000"] = (row[f"{mode}_{how}hours_per_1000"] * (n + 1)
+                                                    * args.price)
+            for what in ("episodes_per_s", "usd_per_1000"):  # same run, same inputs
+                row[f"{mode}_async_{what}_ratio"] = (row[f"{mode}_async_{what}"]
+                                                     / row[f"{mode}_{what}"])
         rows.append(row)
     one = rows[0]
-    print("\n| reward GPUs (+1 learner) | as built: episodes/s | h / 1,000 steps | USD / 1,000 "
+    print(f"\nsynchronous sampling: step = rollout + learner {args.learner_s:.1f} s + sync "
+          f"{args.sync_s:.1f} s")
+    print("| reward GPUs (+1 learner) | as built: episodes/s | h / 1,000 steps | USD / 1,000 "
           "| pre-extracted: episodes/s | speed-up (ideal = GPUs) | h / 1,000 steps | USD / "
           "1,000 | reward share of a K=32 step | + 64 env runners: episodes/s | USD / 1,000 |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -249,6 +281,31 @@ def main() -> None:
               f"{r['extracted_reward_frac_k32']:.2f} | "
               f"{r['extracted_64_runners_episodes_per_s']:.1f} | "
               f"{r['extracted_64_runners_usd_per_1000']:.0f} |")
+    print(f"\nasynchronous sampling: step = max(rollout, learner {args.learner_s:.1f} s + sync "
+          f"{args.sync_s:.1f} s); ratio = async / sync, same inputs")
+    print("| reward GPUs (+1 learner) | as built: episodes/s (ratio) | USD / 1,000 (ratio) | "
+          "rollout / (learn + sync), K = 4-32 | pre-extracted: episodes/s (ratio) | h / 1,000 steps | USD / 1,000 (ratio) | "
+          "rollout / (learn + sync), K = 4-32 | + 64 env runners: episodes/s (ratio) | "
+          "USD / 1,000 (ratio) | rollout / (learn + sync), K = 4-32 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(r: dict, mode: str, what: str, fmt: str) -> str:
+        return f"{r[f'{mode}_async_{what}']:{fmt}} ({r[f'{mode}_async_{what}_ratio']:.2f}x)"
+
+    def spread(r: dict, mode: str) -> str:  # below 1: the learner side sets the async step
+        v = r[f"{mode}_rollout_over_learner"].values()
+        return "-".join(f"{x:.{2 if x < 1 else 1 if x < 10 else 0}f}" for x in (min(v), max(v)))
+
+    for r in rows:
+        print(f"| {r['reward_gpus']} | {cell(r, 'as_built', 'episodes_per_s', '.2f')} | "
+              f"{cell(r, 'as_built', 'usd_per_1000', '.0f')} | {spread(r, 'as_built')} | "
+              f"{cell(r, 'extracted', 'episodes_per_s', '.1f')} | "
+              f"{r['extracted_async_hours_per_1000']:.1f} | "
+              f"{cell(r, 'extracted', 'usd_per_1000', '.0f')} | "
+              f"{spread(r, 'extracted')} | "
+              f"{cell(r, 'extracted_64_runners', 'episodes_per_s', '.1f')} | "
+              f"{cell(r, 'extracted_64_runners', 'usd_per_1000', '.0f')} | "
+              f"{spread(r, 'extracted_64_runners')} |")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "assumed": {k: getattr(args, k) for k in ("peak_tflops", "mfu", "learner_s",
