@@ -33,14 +33,21 @@ def _cfg(run_cfg, pool_name: str, async_sampling: bool):
 
 class CollectedRounds:
     """Spy on the real EnvRunnerGroup: records the episodes each collected sampling round
-    returned to the driver (the call goes through unchanged)."""
+    returned to the driver, and per round (tag) how many env runners it was launched on and
+    how many returned it (the calls go through unchanged)."""
 
     def __init__(self, group) -> None:
-        self.inner, self.episodes = group.fetch_ready_async_reqs, []
-        group.fetch_ready_async_reqs = self
+        self.fetch, self.launch = group.fetch_ready_async_reqs, group.foreach_env_runner_async
+        self.episodes, self.launched, self.returned = [], {}, {}
+        group.fetch_ready_async_reqs, group.foreach_env_runner_async = self, self._launch
+
+    def _launch(self, func, tag=None, **kwargs) -> int:
+        self.launched[tag] = self.launch(func, tag=tag, **kwargs)
+        return self.launched[tag]
 
     def __call__(self, **kwargs):
-        out = self.inner(**kwargs)
+        out = self.fetch(**kwargs)
+        self.returned[kwargs["tags"]] = self.returned.get(kwargs["tags"], 0) + len(out)
         for _, (episodes, _, _) in out:
             self.episodes.extend(episodes)
         return out
@@ -48,6 +55,20 @@ class CollectedRounds:
     def take(self) -> list:
         out, self.episodes = self.episodes, []
         return out
+
+    def lost(self) -> int:
+        """Rounds launched on an env runner that never returned them, over collected rounds."""
+        return sum(self.launched[tag] - n for tag, n in self.returned.items())
+
+
+def assert_whole_groups(episodes, group_size: int) -> int:
+    """Check that `episodes` are whole GRPO groups (group_size finished episodes of the group's
+    K each); return how many groups."""
+    sizes = Counter(int(e.get_observations(0)[GROUP]) for e in episodes)
+    assert set(sizes.values()) <= {group_size}, sizes
+    (k,) = {int(e.get_observations(0)["k"]) for e in episodes} or {0}
+    assert all(e.is_terminated and len(e) == k for e in episodes)
+    return len(sizes)
 
 
 def _stream(episodes) -> list[tuple[int, int, bool, int]]:
@@ -116,11 +137,7 @@ def test_async_sampling_overlaps_learning_keeps_groups_and_queries_and_resumes(
     for (g_sync, eps_sync), (g_async, eps_async) in zip(sync, runs):
         # the same questions, option dropout and K, group for group, as synchronous sampling
         assert _stream(eps_async) == _stream(eps_sync)
-        # whole groups only: G finished episodes of the group's K each
-        sizes = Counter(int(e.get_observations(0)[GROUP]) for e in eps_async)
-        assert set(sizes.values()) == {G} and len(sizes) == ROUNDS
-        (k,) = {int(e.get_observations(0)["k"]) for e in eps_async}
-        assert all(e.is_terminated and len(e) == k for e in eps_async)
+        assert assert_whole_groups(eps_async, G) == ROUNDS
         # the iteration's metrics count its own batch, not the one launched in the meantime
         assert (g_async["groups"], g_async["reward_calls"], g_async["reward_requests"]) == (
             ROUNDS, ROUNDS, REQUESTS_PER_ITERATION)

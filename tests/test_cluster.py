@@ -5,8 +5,9 @@ losing a reward node, an env runner and the driver.
 custom resources (layout in `cluster`). Rewards come from a real vLLM engine on the random
 plumbing VLM (conftest); the learner is RLlib; the data are conftest's real clips and features.
 Every fault is real: a node's processes are SIGKILLed (`Cluster.remove_node`), an env runner
-process is SIGKILLed, the training driver (a `refocus train` subprocess) is SIGKILLed. Each test
-prints its figure (`[reliability] ...`, run with -s); docs/reliability.md records them.
+process is SIGKILLed (synchronous and asynchronous sampling), the training driver (a `refocus
+train` subprocess) is SIGKILLed. Each test prints its figure (`[reliability] ...`, run with -s);
+docs/reliability.md records them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import LOCAL_RAY, free_port
+from test_async_sampling import CollectedRounds, assert_whole_groups
 
 from refocus_ray.config import Config, load_config
 
@@ -244,58 +245,85 @@ def test_losing_the_reward_node_mid_training(cluster, reward_pool, run_cfg, tmp_
 # ------------------------------------------------------------------------- env runner lost
 
 
+def _sigkill_at_sample(group, worker_index: int, call: int, marker: Path) -> None:
+    """Fault injection: env runner `worker_index` SIGKILLs its own process when its `call`-th
+    `sample()` starts (its round launched and in flight, none of its episodes returned), after
+    writing the wall time to `marker`. The process Ray restarts in its place runs unarmed.
+    (An outside killer timed by reward requests raced the round: under load the runner could
+    finish it before the kill landed.)"""
+
+    def arm(runner) -> None:
+        sample, calls = runner.sample, []
+
+        def sample_or_die(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == call:
+                marker.write_text(repr(time.time()))
+                os.kill(os.getpid(), signal.SIGKILL)
+            return sample(*args, **kwargs)
+
+        runner.sample = sample_or_die
+
+    group.foreach_env_runner(arm, local_env_runner=False, remote_worker_ids=[worker_index])
+
+
 @pytest.mark.vllm
-def test_killed_env_runner_is_replaced_and_training_continues(reward_pool, run_cfg, tmp_path):
+@pytest.mark.parametrize("async_sampling", [False, True], ids=["sync", "async"])
+def test_killed_env_runner_is_replaced_and_training_continues(reward_pool, run_cfg, tmp_path,
+                                                              async_sampling):
+    """Runner 1 of 2 dies as its second round starts: synchronous, inside iteration 2; async,
+    while the driver learns on iteration 1 (iteration 2's rounds were launched before that)."""
     from refocus_ray.grpo import GRPOConfig
 
     path = _run_config(run_cfg, tmp_path, reference={"pool_name": reward_pool.cfg.pool_name},
-                       train=_train_section(num_env_runners=2, groups_per_batch=2))
+                       train=_train_section(num_env_runners=2, groups_per_batch=2,
+                                            async_sampling=async_sampling))
     algo = GRPOConfig.from_run_config(load_config(path)).build_algo()
     group = algo.env_runner_group
+    rounds = CollectedRounds(group)
 
     def runners() -> dict[int, int]:
         return dict(group.foreach_env_runner(lambda r: (r.worker_index, os.getpid()),
                                              local_env_runner=False))
 
     try:
-        assert algo.train()["grpo"]["groups"] == 2
         before = runners()
         assert sorted(before) == [1, 2]
-        # kill runner 1 while iteration 2 samples: as soon as the first of its reward requests
-        # reaches the pool (the pool holds it >= 1 s), no runner has returned its episodes
-        base = reward_pool.stats()[0]["requests"]
-        killed = threading.Event()
-
-        def killer() -> None:
-            _wait_for(lambda: reward_pool.stats()[0]["requests"] > base, 120,
-                      "iteration 2's first reward request", poll_s=0.05)
-            os.kill(before[1], signal.SIGKILL)
-            killed.t = time.perf_counter()
-            killed.set()
-
-        thread = threading.Thread(target=killer, daemon=True)
-        thread.start()
-        groups = [int(algo.train()["grpo"]["groups"])]  # iteration 2: runner 1 killed in it
-        thread.join(5)
-        assert killed.is_set()
-        # RLlib marks it unhealthy, Ray restarts the process, the first iteration that finds
+        marker = tmp_path / "killed"
+        _sigkill_at_sample(group, worker_index=1, call=2, marker=marker)
+        # train until >= 2 iterations began after the kill and the batch is whole again: RLlib
+        # marks runner 1 unhealthy, Ray restarts its process, the first iteration that finds
         # it up restores it; training goes on meanwhile
+        results, groups, started_after, recover_s = [], [], [], None
         deadline = time.monotonic() + 300
-        while groups[-1] < 2 and time.monotonic() < deadline:
-            groups.append(int(algo.train()["grpo"]["groups"]))
-        recover_s = time.perf_counter() - killed.t
+        while sum(started_after) < 2 or groups[-1] < 2:
+            assert time.monotonic() < deadline, f"not recovered in 300 s: groups {groups}"
+            started_after.append(marker.exists())
+            results.append(algo.train())
+            groups.append(int(results[-1]["grpo"]["groups"]))
+            # every trained group whole: G finished episodes, none from the dropped round
+            assert assert_whole_groups(rounds.take(), G) == groups[-1]
+            if recover_s is None and 1 in groups and groups[-1] == 2:
+                recover_s = time.time() - float(marker.read_text())
         after = runners()
-        short = len(groups) - 2  # iterations after the kill's that still ran on one runner
-        print(f"\n[reliability] env runner killed mid-sampling: groups per iteration after the "
-              f"kill {groups} (2 expected): episodes lost {G} (its in-flight group), then "
-              f"{short} iteration(s) on 1 runner while it restarted; iterations lost 0; back to "
-              f"2 runners in {recover_s:.1f} s")
-        assert groups[0] == 1  # the surviving runner's group was trained on in the same iteration
-        assert groups[-1] == 2 and group.num_healthy_remote_workers() == 2
+        healthy = [r["fault_tolerance"]["num_healthy_workers"] for r in results]
+        mode = "async" if async_sampling else "sync"
+        print(f"\n[reliability] env runner killed with a round in flight ({mode}): groups per "
+              f"iteration {groups} (2 expected), healthy runners {healthy}: rounds lost "
+              f"{rounds.lost()}, episodes lost {rounds.lost() * G}, then "
+              f"{groups.count(1) - rounds.lost()} iteration(s) on 1 runner while it restarted; "
+              f"iterations lost 0; back to 2 runners in {recover_s:.1f} s")
+        # only the dead runner's in-flight round was dropped; the other runner's group trained
+        assert rounds.lost() == 1 and groups[:2] == [2, 1]
+        assert groups[1:] == sorted(groups[1:]) and groups[-1] == 2
+        assert algo.training_iteration == len(results) >= 3
+        # the metrics show the runner count dropping and restored
+        assert healthy[0] == 2 and min(healthy) == 1 and healthy[-1] == 2
+        assert results[-1]["fault_tolerance"]["num_remote_worker_restarts"] >= 1
+        assert group.num_healthy_remote_workers() == 2
         assert sorted(after) == [1, 2] and after[1] != before[1] and after[2] == before[2]
-        assert group.num_remote_worker_restarts() >= 1
-        assert algo.training_iteration == 1 + len(groups)
-        # the replacement samples with the learner's current weights
+        # the replacement samples with the learner's current weights (async: this call queues
+        # behind its in-flight round and the weight push that follows it)
         learner = algo.learner_group.get_weights()["default_policy"]
         runner = group.foreach_env_runner(lambda r: r.module.get_state(inference_only=True),
                                           local_env_runner=False, remote_worker_ids=[1])[0]
