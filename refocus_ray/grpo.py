@@ -354,6 +354,9 @@ class TrainConfig:
     groups_per_env_runner: int = 4  # M: one vector env runs G * M episodes at once
     # sample iteration i + 1 on the env runners while learning on i (needs num_env_runners > 0)
     async_sampling: bool = False
+    # a round that remote env runners have not returned after this long is an error, not a
+    # hang (a dead runner fails fast and is restored; this catches one alive but stuck)
+    sample_timeout_s: float = 900.0
     # placement (refocus_ray/placement.py): resources per env runner and per learner
     num_cpus_per_env_runner: float = 1.0
     num_gpus_per_env_runner: float = 0.0
@@ -372,7 +375,8 @@ class TrainConfig:
                             self.curriculum, self.options_dropout,
                             async_sampling=self.async_sampling,
                             num_env_runners=self.num_env_runners)
-        for name in ("iterations", "groups_per_env_runner", "checkpoint_every", "lr"):
+        for name in ("iterations", "groups_per_env_runner", "checkpoint_every", "lr",
+                     "sample_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{key}.{name}: must be > 0, got {getattr(self, name)!r}")
         if self.num_env_runners < 0 or self.num_learners < 0:
@@ -561,6 +565,7 @@ class GRPOConfig(AlgorithmConfig):
                 num_cpus_per_env_runner=t.num_cpus_per_env_runner,
                 num_gpus_per_env_runner=t.num_gpus_per_env_runner,
                 custom_resources_per_env_runner=dict(t.env_runner_resources),
+                sample_timeout_s=t.sample_timeout_s,
             )
             .learners(
                 num_learners=t.num_learners, num_cpus_per_learner=t.num_cpus_per_learner,
@@ -660,8 +665,23 @@ class GRPO(Algorithm):
         failed runner's round is missing (RLlib takes the runner out of service and restores
         it), as with synchronous sampling."""
         out = list(rollouts.done)
+        group, limit = self.env_runner_group, self.config.sample_timeout_s
+        deadline = time.monotonic() + limit
         for tag in rollouts.tags:
-            ready = self.env_runner_group.fetch_ready_async_reqs(tags=tag, timeout_seconds=None)
+            ready = []
+            while True:
+                left = deadline - time.monotonic()
+                ready += group.fetch_ready_async_reqs(tags=tag, timeout_seconds=max(min(left, 5.0), 0))
+                if group.num_in_flight_async_reqs(tag=tag) == 0:
+                    break
+                if left <= 0:
+                    raise TimeoutError(
+                        f"iteration {rollouts.iteration}: sampling round {tag!r} not returned by "
+                        f"{group.num_in_flight_async_reqs(tag=tag)} env runner(s) after "
+                        f"{limit:.0f} s (train.sample_timeout_s): a runner is alive but stuck "
+                        f"(its log is in the Ray session's logs); checkpoints are kept, continue "
+                        f"with `refocus train --resume`"
+                    )
             out.extend(result for _, result in sorted(ready, key=lambda r: r[0]))
         return out
 

@@ -304,16 +304,28 @@ class RewardPool:
                 for a, idx in by_actor.items()]
 
     @staticmethod
-    def gather(pending, n: int) -> list[list[float]]:
+    def gather(pending, n: int, timeout_s: float | None = None) -> list[list[float]]:
+        """Wait for `submit`'s refs; TimeoutError (never a hang) when an actor does not
+        answer within `timeout_s` (restarts and retries happen inside that time)."""
         out: list[list[float]] = [None] * n  # type: ignore[list-item]
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         for idx, ref in pending:
-            for i, z in zip(idx, ray.get(ref)):
-                out[i] = z
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                z = ray.get(ref, timeout=left)
+            except ray.exceptions.GetTimeoutError:
+                raise TimeoutError(
+                    f"reward pool: {len(idx)} request(s) unanswered after {timeout_s:.0f} s "
+                    f"(reference.request_timeout_s): a scorer actor is alive but stuck, or "
+                    f"the cluster has no resources to restart it (see `ray status`)"
+                ) from None
+            for i, zi in zip(idx, z):
+                out[i] = zi
         return out
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
-        """Option scores z for each request (blocking)."""
-        return self.gather(self.submit(requests), len(requests))
+        """Option scores z for each request (blocking, at most reference.request_timeout_s)."""
+        return self.gather(self.submit(requests), len(requests), self.cfg.request_timeout_s)
 
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([a.get_stats.remote() for a in self.actors])

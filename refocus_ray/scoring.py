@@ -45,6 +45,9 @@ class ReferenceConfig:
     cpu_cores: list[int] = field(default_factory=list)  # pin the engine's threads (2-core boxes)
     max_batch: int = 64
     max_wait_ms: float = 20.0  # wait this long for other callers' requests to join a batch
+    # a call unanswered this long is an error, not a hang (a restart after losing a node took
+    # up to ~145 s here; docs/reliability.md)
+    request_timeout_s: float = 600.0
     openai_url: str = "http://127.0.0.1:8000/v1"
     pool_name: str = "refocus-scorer"
     gpu_memory_utilization: float = 0.85
@@ -60,6 +63,8 @@ class ReferenceConfig:
                 raise ConfigError(f"{key}.{name}: must be one of {list(allowed)}, got {value!r}")
         if self.num_actors < 1 or self.max_batch < 1:
             raise ConfigError(f"{key}.num_actors and {key}.max_batch must be >= 1")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"{key}.request_timeout_s: must be > 0, got {self.request_timeout_s!r}")
         from refocus_ray import placement
 
         placement.check_amounts(key, num_cpus_per_actor=self.num_cpus_per_actor,

@@ -245,12 +245,13 @@ def test_losing_the_reward_node_mid_training(cluster, reward_pool, run_cfg, tmp_
 # ------------------------------------------------------------------------- env runner lost
 
 
-def _sigkill_at_sample(group, worker_index: int, call: int, marker: Path) -> None:
-    """Fault injection: env runner `worker_index` SIGKILLs its own process when its `call`-th
-    `sample()` starts (its round launched and in flight, none of its episodes returned), after
-    writing the wall time to `marker`. The process Ray restarts in its place runs unarmed.
-    (An outside killer timed by reward requests raced the round: under load the runner could
-    finish it before the kill landed.)"""
+def _sigkill_at_sample(group, worker_index: int, call: int, marker: Path,
+                       hang: bool = False) -> None:
+    """Fault injection: env runner `worker_index` SIGKILLs its own process (or, `hang`, sleeps
+    for an hour: alive but stuck) when its `call`-th `sample()` starts (its round launched and
+    in flight, none of its episodes returned), after writing the wall time to `marker`. The
+    process Ray restarts in its place runs unarmed. (An outside killer timed by reward
+    requests raced the round: under load the runner could finish it before the kill landed.)"""
 
     def arm(runner) -> None:
         sample, calls = runner.sample, []
@@ -259,6 +260,8 @@ def _sigkill_at_sample(group, worker_index: int, call: int, marker: Path) -> Non
             calls.append(None)
             if len(calls) == call:
                 marker.write_text(repr(time.time()))
+                if hang:
+                    time.sleep(3600)
                 os.kill(os.getpid(), signal.SIGKILL)
             return sample(*args, **kwargs)
 
@@ -331,6 +334,29 @@ def test_killed_env_runner_is_replaced_and_training_continues(reward_pool, run_c
         for k, v in runner.items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(learner[k]), err_msg=k)
     finally:
+        algo.stop()
+
+
+@pytest.mark.vllm
+def test_stuck_env_runner_is_an_error_not_a_hang(reward_pool, run_cfg, tmp_path):
+    """A runner alive but stuck mid-round: training stops with an error naming
+    train.sample_timeout_s instead of waiting forever."""
+    from refocus_ray.grpo import GRPOConfig
+
+    path = _run_config(run_cfg, tmp_path, reference={"pool_name": reward_pool.cfg.pool_name},
+                       train=_train_section(num_env_runners=1, sample_timeout_s=5))
+    algo = GRPOConfig.from_run_config(load_config(path)).build_algo()
+    group = algo.env_runner_group
+    pid = group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)[0]
+    try:
+        _sigkill_at_sample(group, worker_index=1, call=2, marker=tmp_path / "stuck", hang=True)
+        algo.train()  # round 1 returns
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="sample_timeout_s"):
+            algo.train()
+        assert time.monotonic() - t0 < 60
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the stuck process would block a graceful stop
         algo.stop()
 
 

@@ -109,3 +109,26 @@ def test_bad_request_fails_alone(pool, clip_dir):
     with pytest.raises(ray.exceptions.RayTaskError, match="Out of bound"):
         RewardPool.gather(pending, 4)
     assert len(pool.score(good)) == 3  # the actor is alive and the good requests are scored
+
+
+@ray.remote
+class StuckScorerFault:
+    """Injected fault: a scorer actor that is alive but never answers."""
+
+    def ready(self) -> dict:
+        return {"model_id": "stuck-fault", "pid": os.getpid(), "restarted": False}
+
+    def score(self, requests, caller=""):
+        time.sleep(3600)
+
+
+def test_a_stuck_actor_is_an_error_not_a_hang(ray_local, clip_dir):
+    cfg = ReferenceConfig(backend="vllm", model="unused", request_timeout_s=2.0,
+                          pool_name="stuck-fault")
+    stuck = StuckScorerFault.remote()
+    pool = RewardPool([stuck], cfg)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="request_timeout_s"):
+        pool.score(_requests(clip_dir, 2))
+    assert time.monotonic() - t0 < 30
+    ray.kill(stuck)
