@@ -349,8 +349,9 @@ def test_stuck_env_runner_is_an_error_not_a_hang(reward_pool, run_cfg, tmp_path)
     group = algo.env_runner_group
     pid = group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)[0]
     try:
-        _sigkill_at_sample(group, worker_index=1, call=2, marker=tmp_path / "stuck", hang=True)
-        algo.train()  # round 1 returns
+        # stuck from its first round: a legitimately slow round on a loaded machine cannot
+        # trip the 5 s timeout before the fault does
+        _sigkill_at_sample(group, worker_index=1, call=1, marker=tmp_path / "stuck", hang=True)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match="sample_timeout_s"):
             algo.train()
