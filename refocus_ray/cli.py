@@ -137,6 +137,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     res = pipeline.train_stage(cfg, resume=args.resume)
     print(json.dumps(res, indent=2))
+    if "refocus_minus_uniform_k4" in res:
+        from refocus_ray.heldout import verdict
+
+        print(verdict(res))
     return 0
 
 

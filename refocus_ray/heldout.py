@@ -94,3 +94,14 @@ def heldout(cfg: Config, policy, pool_client, k: int = 4, seeds: int = 3,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
     return out
+
+
+def verdict(res: dict[str, Any]) -> str:
+    """One line a user reads first: did the trained policy beat uniform on held-out data?"""
+    k = res.get("k", 4)
+    d, low = res[f"refocus_minus_uniform_k{k}"], res[f"refocus_minus_uniform_k{k}_ci95_low"]
+    beats = "beats" if low > 0 else "does NOT beat"
+    return (f"held-out ({res['split']}, K={k}, {res['n_questions']} questions): refocus "
+            f"{res[f'acc_refocus_k{k}']:.3f} vs uniform {res[f'acc_uniform_k{k}']:.3f} "
+            f"({d:+.3f}, paired-bootstrap 95% low {low:+.3f}) and random "
+            f"{res[f'acc_random_k{k}']:.3f}: the policy {beats} uniform sampling")

@@ -209,6 +209,10 @@ def demo(cfg: Config) -> dict[str, Any]:
         out["eval"] = evaluate_stage(cfg)
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("errors", "table")}
                       for k, v in out.items()}, indent=2))
+    if "refocus_minus_uniform_k4" in out.get("train", {}):
+        from refocus_ray.heldout import verdict
+
+        print(verdict(out["train"]))
     if "eval" in out:  # the demo ends with the comparison table and where the report is
         print(out["eval"]["table"])
         print(f"report: {out['eval']['report']}")

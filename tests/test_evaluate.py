@@ -200,3 +200,14 @@ def test_cli_prints_the_table_and_caches_the_stage(run, capsys):
     assert cli.main(argv) == 0
     assert "cached" in capsys.readouterr().out
     assert _requests(pools) == before
+
+
+@pytest.mark.parametrize("low, word", [(0.02, "the policy beats"), (-0.01, "does NOT beat")])
+def test_heldout_verdict_says_whether_the_policy_beats_uniform(low, word):
+    from refocus_ray.heldout import verdict
+
+    res = {"split": "test", "k": 4, "n_questions": 319, "acc_refocus_k4": 0.52,
+           "acc_uniform_k4": 0.43, "acc_random_k4": 0.45, "refocus_minus_uniform_k4": 0.09,
+           "refocus_minus_uniform_k4_ci95_low": low}
+    line = verdict(res)
+    assert word in line and "0.520 vs uniform 0.430" in line and "319 questions" in line
