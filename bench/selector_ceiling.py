@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from refocus_ray import selectors
-from refocus_ray.config import load_config
+from refocus_ray.cli import add_config_args, config_from_args
 from refocus_ray.heldout import heldout_questions, score_selections
 from refocus_ray.policy import PolicyConfig, SelectorPolicy, collate, example_from_pool
 
@@ -117,8 +117,7 @@ def breakdown(rows: list[dict[str, Any]], correct: np.ndarray, recall: list) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/embedded.yaml")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--steps", type=int, default=400, help="supervised steps (batch 32)")
     ap.add_argument("--split", default="test")
@@ -126,13 +125,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import ray
-    import yaml
 
     from refocus_ray.reward_pool import RewardPool
     from refocus_ray.train import scorer_config
 
-    overrides = {k: yaml.safe_load(v) for k, _, v in (s.partition("=") for s in args.set)}
-    cfg = load_config(args.config, overrides)
+    cfg = config_from_args(args)
     torch.set_num_threads(2)
     train_rows = [r for r in heldout_questions(cfg, "train", args.k)
                   if evidence_targets(r, args.k)]

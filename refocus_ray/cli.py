@@ -32,7 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def _config(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace):
+    """The run config from `--config` and `--set` (see `add_config_args`); exits with the bad
+    key named on a config error. Shared with the bench scripts."""
     from refocus_ray.config import ConfigError, load_config
 
     overrides = {}
@@ -47,7 +49,7 @@ def _config(args: argparse.Namespace):
         raise SystemExit(f"config error: {e}") from None
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="configs/embedded.yaml", help="YAML run config")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key, e.g. --set pool.max_frames=64 (repeatable)")
@@ -86,7 +88,7 @@ def cmd_data_import(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if cfg.data.kind == "evidence" and not cfg.table_path().exists():
         pipeline.evidence_stage(cfg)
     res = pipeline.prepare_stage(cfg, strict=args.strict or None, retry_failed=args.retry_failed)
@@ -97,7 +99,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_forge(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if cfg.data.kind == "evidence" and not cfg.table_path().exists():
         pipeline.evidence_stage(cfg)
     res = pipeline.forge_stage(cfg)
@@ -109,7 +111,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
     from refocus_ray.config import ConfigError
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     try:
         res = pipeline.filter_stage(cfg)
     except ConfigError as e:
@@ -124,7 +126,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     if args.dry_run:
         from refocus_ray.train import describe_resources
 
@@ -147,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     res = pipeline.evaluate_stage(cfg, checkpoint=args.checkpoint, split=args.split)
     print(res["table"])
     for method, why in res.get("skipped_methods", {}).items():
@@ -159,7 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from refocus_ray.export import export, lmms_docs_key_fn
 
-    cfg = _config(args)
+    cfg = config_from_args(args)
     res = export(cfg, args.checkpoint, args.split, ks=args.k, n_rollouts=args.rollouts,
                  steps=args.steps, seed=args.seed, candidate=args.candidate,
                  key_fn=lmms_docs_key_fn(args.lmms_docs) if args.lmms_docs else None,
@@ -171,7 +173,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
-    pipeline.demo(_config(args))
+    pipeline.demo(config_from_args(args))
     return 0
 
 
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "batches, cache features by video content hash + encoder + pool. Re-runs decode "
         "nothing cached; unreadable videos are listed in features/errors.jsonl.",
     )
-    _add_config(pr)
+    add_config_args(pr)
     pr.add_argument("--strict", action="store_true", help="exit non-zero if any video failed")
     pr.add_argument("--retry-failed", action="store_true", help="decode known-bad files again")
     pr.set_defaults(fn=cmd_prepare)
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         "forge_report.json: accuracy and margin on val at K = 4 and 8 with and without "
         "evidence, per family, scored through vLLM. Cached: a second run reuses it.",
     )
-    _add_config(fo)
+    add_config_args(fo)
     fo.set_defaults(fn=cmd_forge)
 
     fi = sub.add_parser(
@@ -287,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
         "filter_scores.parquet, variance_hist.png, filter_summary.json (kept fraction per "
         "family). Cached; a new threshold re-uses the stored margins.",
     )
-    _add_config(fi)
+    add_config_args(fi)
     fi.set_defaults(fn=cmd_filter)
 
     tr = sub.add_parser(
@@ -299,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.jsonl, training_curve.png, policy/ (safetensors + JSON) and heldout.json "
         "(refocus vs uniform vs random at K=4 on the test split).",
     )
-    _add_config(tr)
+    add_config_args(tr)
     tr.add_argument("--resume", action="store_true",
                     help="continue from this run's last checkpoint (iteration, optimizer, "
                     "curriculum stage, seeds)")
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy_vs_k.png, recall plots, examples/*.png. Resumes an interrupted run; cached "
         "as a stage. Prints the comparison table and the report path.",
     )
-    _add_config(ev_)
+    add_config_args(ev_)
     ev_.add_argument("--checkpoint", help="policy dir (model.safetensors + policy.json); "
                      "default evaluate.checkpoint or <run_dir>/train/policy")
     ev_.add_argument("--split", choices=("train", "val", "test"),
@@ -335,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(video_id, question_id, k, frame_indices, timestamps_s). Pools with at most "
         "pool.uniform_fallback_frames frames, or shorter than --steps, fall back to uniform.",
     )
-    _add_config(ex)
+    add_config_args(ex)
     ex.add_argument("--checkpoint", help="policy dir; default <run_dir>/train/policy")
     ex.add_argument("--split", default="test", choices=("train", "val", "test"))
     ex.add_argument("--k", type=int, nargs="+", default=[32], help="frames per question "
@@ -350,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(fn=cmd_export)
 
     de = sub.add_parser("demo", help="run every stage on a config, each cached (make demo)")
-    _add_config(de)
+    add_config_args(de)
     de.set_defaults(fn=cmd_demo)
 
     sv = sub.add_parser(
@@ -364,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--checkpoint", default="runs/embedded/train/policy",
                     help="exported policy directory (model.safetensors + policy.json)")
-    _add_config(sv)
+    add_config_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--media-root", action="append", metavar="PATH",

@@ -245,7 +245,7 @@ def test_losing_the_reward_node_mid_training(cluster, reward_pool, run_cfg, tmp_
 # ------------------------------------------------------------------------- env runner lost
 
 
-def _sigkill_at_sample(group, worker_index: int, call: int, marker: Path,
+def _fault_at_sample(group, worker_index: int, call: int, marker: Path,
                        hang: bool = False) -> None:
     """Fault injection: env runner `worker_index` SIGKILLs its own process (or, `hang`, sleeps
     for an hour: alive but stuck) when its `call`-th `sample()` starts (its round launched and
@@ -293,7 +293,7 @@ def test_killed_env_runner_is_replaced_and_training_continues(reward_pool, run_c
         before = runners()
         assert sorted(before) == [1, 2]
         marker = tmp_path / "killed"
-        _sigkill_at_sample(group, worker_index=1, call=2, marker=marker)
+        _fault_at_sample(group, worker_index=1, call=2, marker=marker)
         # train until >= 2 iterations began after the kill and the batch is whole again: RLlib
         # marks runner 1 unhealthy, Ray restarts its process, the first iteration that finds
         # it up restores it; training goes on meanwhile
@@ -351,7 +351,7 @@ def test_stuck_env_runner_is_an_error_not_a_hang(reward_pool, run_cfg, tmp_path)
     try:
         # stuck from its first round: a legitimately slow round on a loaded machine cannot
         # trip the 5 s timeout before the fault does
-        _sigkill_at_sample(group, worker_index=1, call=1, marker=tmp_path / "stuck", hang=True)
+        _fault_at_sample(group, worker_index=1, call=1, marker=tmp_path / "stuck", hang=True)
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match="sample_timeout_s"):
             algo.train()
