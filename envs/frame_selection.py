@@ -117,6 +117,10 @@ class QuerySource:
     def to_dict(self) -> dict[str, Any]:
         return {"run_config": self.run_config, "split": self.split, "min_frames": self.min_frames}
 
+    def config(self) -> Config:
+        """The run config this source was made from."""
+        return config_from_dict(json.loads(self.run_config))
+
 
 _TABLES: dict[QuerySource, QueryTable] = {}
 
@@ -125,7 +129,7 @@ def load_query_table(source: QuerySource) -> QueryTable:
     """Build (once per process) the query table of `source` from the run's caches."""
     if source in _TABLES:
         return _TABLES[source]
-    cfg = config_from_dict(json.loads(source.run_config))
+    cfg = source.config()
     table_path = cfg.table_path()
     pools = load_pools(cfg)
     qfeats = load_question_features(cfg)

@@ -45,17 +45,13 @@ from typing import Any
 import numpy as np
 
 from refocus_ray import selectors
+from refocus_ray.bridge import TextImageBridge, bridge_unavailable
 from refocus_ray.config import Config, ConfigError, build, file_hash, stable_hash
 
 EVAL_VERSION = 1
 METHODS = ("uniform", "random", "diverse", "relevance-diverse", "framewise", "refocus",
            "refocus-greedy", "refocus-bestofN", "refocus-shuffled")
 SEEDED = ("random", "refocus", "refocus-shuffled")  # averaged over `seeds` runs
-# ImageNet-1k class names, one per line in class-index order (Debian's opencv-doc ships them)
-IMAGENET_CLASS_FILES = (
-    str(Path(__file__).parent / "data" / "imagenet_classes.txt"),  # shipped with the package
-    "/usr/share/doc/opencv-doc/examples/data/dnn/classification_classes_ILSVRC2012.txt",
-)
 
 
 @dataclass
@@ -134,69 +130,6 @@ def fingerprint(cfg: Config, checkpoint: Path, split: str | None = None,
             "table": file_hash(cfg.table_path()), "features": cache_key(cfg),
             "query": cfg.encoders.query,
             "forge": forge.read_text() if forge.exists() else None}
-
-
-# ------------------------------------------------------------------------- text-image bridge
-
-
-def imagenet_class_names(path: str | None = None) -> list[str]:
-    """The 1000 ImageNet class names in index order (first synonym of each line)."""
-    candidates = [path] if path else list(IMAGENET_CLASS_FILES)
-    for p in candidates:
-        if p and Path(p).is_file():
-            names = [ln.split(",")[0].strip() for ln in Path(p).read_text().splitlines()
-                     if ln.strip()]
-            if len(names) != 1000:
-                raise ValueError(f"{p}: expected 1000 ImageNet class names, got {len(names)}")
-            return names
-    raise FileNotFoundError(
-        f"no ImageNet class-name file (looked in {candidates}); install Debian's opencv-doc or "
-        "set evaluate.imagenet_classes to a file with one class name per line")
-
-
-def bridge_unavailable(cfg: Config, e: EvaluateConfig) -> str | None:
-    """Why relevance-diverse cannot run here (None if it can), without loading any model."""
-    from refocus_ray.encoders import EFFICIENTNET
-
-    if cfg.encoders.frame != EFFICIENTNET:
-        return (f"needs the {EFFICIENTNET} frame encoder's ImageNet head; this run's frame "
-                f"encoder is {cfg.encoders.frame}")
-    try:
-        imagenet_class_names(e.imagenet_classes)
-    except (FileNotFoundError, ValueError) as err:
-        return str(err)
-    return None
-
-
-class TextImageBridge:
-    """Relevance of a frame to a text without a text-image model: the frame encoder's ImageNet
-    head gives a distribution over 1000 classes, the query encoder embeds each class name once
-    (cached on disk) in the same space as the questions and options."""
-
-    def __init__(self, cfg: Config, class_file: str | None, cache_dir: Path) -> None:
-        from refocus_ray.encoders import FrameEncoder
-
-        names = imagenet_class_names(class_file)
-        self.frame = FrameEncoder(cfg.encoders.frame, cfg.encoders.frame_size,
-                                  cfg.encoders.threads)
-        self.frame.class_logits(np.zeros((1, self.frame.dim), np.float32))  # EfficientNet only
-        cache = cache_dir / f"class-names-{stable_hash([names, cfg.encoders.query])}.npy"
-        if cache.exists():
-            self.class_emb = np.load(cache)
-        else:
-            from refocus_ray.encoders import QueryEncoder
-
-            self.class_emb = QueryEncoder(cfg.encoders.query, cfg.encoders.threads)(names)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.save(cache, self.class_emb)
-
-    def relevance(self, features: np.ndarray, q_emb: np.ndarray, opt_emb: np.ndarray
-                  ) -> np.ndarray:
-        logits = self.frame.class_logits(np.asarray(features, np.float32)).astype(np.float64)
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        texts = np.concatenate([np.atleast_2d(q_emb), np.atleast_2d(opt_emb)])
-        return selectors.relevance(p, self.class_emb, texts)
 
 
 # ---------------------------------------------------------------------------- selection
@@ -441,7 +374,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
         return bridge_box[0]
 
     methods = list(e.methods)
-    if "relevance-diverse" in methods and (why := bridge_unavailable(cfg, e)):
+    if "relevance-diverse" in methods and (why := bridge_unavailable(cfg, e.imagenet_classes)):
         skipped["relevance-diverse"] = why
         methods.remove("relevance-diverse")
         log(f"[eval] relevance-diverse skipped: {why}")

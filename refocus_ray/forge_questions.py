@@ -11,7 +11,8 @@ is the only way to be right.
 With evidence, the shown frames fix the answer ("which appears first" among the listed objects
 that are shown; "how many" of the listed objects are shown). Without evidence, no listed object
 is shown and the target is uniform over the options (see `forge._loss`), exactly as the
-forge's evaluation and the reward define "no evidence".
+forge's evaluation and the reward define "no evidence"; half of these examples show some of
+the video's other objects, so seeing an option is not taken for evidence about it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from refocus_ray.evidence import COUNT_WORDS, OBJECTS, question_text
 
 NEED = {"appear": 1, "first": 2, "after": 2, "count": 1, "global": 0}  # segments shown at least
 P_UNSEEN_LISTED = 0.25  # "first": share of questions listing one object the frames do not show
+# without evidence: share of examples whose frames show 1-2 of the video's other objects. Random
+# frames rarely show any, and a model that never saw "an option is visible, X is not" learned
+# to answer whichever option it sees (after: 4% correct, reward -0.72 with one distractor frame
+# vs -0.05 with none), which teaches a selector to avoid every inserted object.
+P_DISTRACTORS_SHOWN = 0.5
 
 
 @dataclass
@@ -169,8 +175,14 @@ def _with_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
 
 
 def _without_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
-    """k frames at random; the question is about objects none of them shows."""
+    """k frames at random, half the time with 1-2 of the video's objects among them; the
+    question is about objects none of them shows."""
     pos = np.sort(rng.choice(len(track.labels), k, replace=False))
+    avail = [o for o in track.order if len(track.frames_of(o))]
+    if k > 1 and avail and rng.random() < P_DISTRACTORS_SHOWN:
+        shown = _pick(rng, avail, min(int(rng.integers(1, 3)), k - 1, len(avail)))
+        chosen = [int(rng.choice(track.frames_of(o))) for o in shown]
+        pos = _fill(rng, len(track.labels), chosen, k)
     seen = _seen(track, pos)
     # like the benchmark's options: the video's own objects first (not shown), then absent ones
     hidden = [o for o in track.order if o not in seen]

@@ -214,6 +214,10 @@ class SelectorRLModule(TorchRLModule):
         mc = self.model_config
         self.policy = SelectorPolicy(PolicyConfig.from_dict(mc.get("policy")))
         self.source = QuerySource(**mc["query_source"])
+        if self.policy.cfg.bridge_classes:  # frozen buffers: the same in every process
+            from refocus_ray.bridge import bridge_tensors
+
+            self.policy.set_bridge(**bridge_tensors(self.source.config()))
         self._table = None
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self.act_seconds = 0.0  # time spent choosing actions (policy inference), for metrics

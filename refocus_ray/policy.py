@@ -14,7 +14,13 @@ The method (paper notes 2.3-2.7, the released ``modeling_refocus.py``), in paper
 
 Because the frames precede the question in a causal backbone, the keys cannot see the query;
 the query reaches the scores only through the state carried into the selection steps (h_t).
-That is the paper's design and is kept here.
+That is the paper's design and the default here. The paper's backbone is a pretrained 1.3B
+video LM over language-aligned SigLIP features; a small policy trained from scratch on
+EfficientNet features cannot match "the cat" in a question to cat frames that way, so three
+config options make the frame keys query-aware (docs/design-choices.md): ``query_first``
+(the question and options precede the frames, so each frame's hidden state attends to them),
+``novelty`` (a frame's distance to its pool's mean feature) and ``bridge_classes`` (a frame's
+text-image relevance to the question and options, refocus_ray/bridge.py).
 
 Two passes share the same code:
   * ``sample``: the rollout, under inference mode, one backbone step per pick carrying the KV
@@ -82,6 +88,19 @@ class PolicyConfig:
     chunk_size: int = 64
     # temporal position of a frame: sin/cos of t_frac at `time_frequencies` octaves
     time_frequencies: int = 16
+    # token order: False = [frames, question, options] (the paper: keys cannot see the query);
+    # True = [question, options, frames]: frame keys attend to the query (a from-scratch policy
+    # cannot rely on a pretrained backbone to carry the query into the step state)
+    query_first: bool = False
+    # a label-free saliency input per frame: its cosine distance to the pool's mean feature,
+    # standardised within the pool (what the `diverse` baseline exploits, given to the policy)
+    novelty: bool = False
+    # > 0: frames also get their text-image bridge relevance (refocus_ray/bridge.py) to the
+    # question and to the most related option, z-scored within the pool; the frame encoder's
+    # ImageNet head and the class-name embeddings are frozen buffers of this many classes,
+    # saved with the weights (set by `set_bridge`). The paper's SigLIP features are
+    # language-aligned; EfficientNet's are not, and this restores that.
+    bridge_classes: int = 0
     # scoring, as the released code: s = (q.k) * softplus(w) / temperature [/ sqrt(d)]
     temperature: float = 1.0
     logit_scale_init: float = 1.0  # softplus(w) at init
@@ -101,6 +120,8 @@ class PolicyConfig:
             _positive(f"{key}.{name}", getattr(self, name))
         if self.time_frequencies < 0:
             raise ConfigError(f"{key}.time_frequencies: must be >= 0, got {self.time_frequencies}")
+        if self.bridge_classes < 0:
+            raise ConfigError(f"{key}.bridge_classes: must be >= 0, got {self.bridge_classes}")
         if self.sof_std < 0:
             raise ConfigError(f"{key}.sof_std: must be >= 0, got {self.sof_std}")
         if self.backbone == "transformer" and self.d_model % self.n_heads:
@@ -354,6 +375,14 @@ class _Prompt:
     valid: Tensor  # bool [B, P]
 
 
+def _pool_zscore(x: Tensor, m: Tensor) -> Tensor:
+    """x [B, F, C] standardised over each pool's real frames (m [B, F, 1]); padding -> 0."""
+    n = m.sum(1, keepdim=True).clamp(min=1)
+    mu = (x * m).sum(1, keepdim=True) / n
+    sd = (((x - mu) * m) ** 2).sum(1, keepdim=True).div(n).sqrt()
+    return (x - mu) / (sd + 1e-6) * m
+
+
 class SelectorPolicy(nn.Module):
     """The ReFoCUS pointer selector. See the module docstring for the math."""
 
@@ -366,6 +395,14 @@ class SelectorPolicy(nn.Module):
         self.text_in = nn.Sequential(nn.LayerNorm(cfg.text_dim), nn.Linear(cfg.text_dim, d))
         self.time_in = nn.Linear(2 * cfg.time_frequencies, d) if cfg.time_frequencies else None
         self.type_emb = nn.Parameter(torch.randn(3, d) * 0.02)  # 0 frame, 1 question, 2 option
+        self.novelty_in = nn.Linear(1, d) if cfg.novelty else None
+        self.bridge_in = None
+        if cfg.bridge_classes:
+            c = cfg.bridge_classes
+            self.register_buffer("bridge_weight", torch.zeros(c, cfg.frame_dim))
+            self.register_buffer("bridge_bias", torch.zeros(c))
+            self.register_buffer("bridge_class_emb", torch.zeros(c, cfg.text_dim))
+            self.bridge_in = nn.Linear(2, d)
         self.backbone = (TransformerBackbone(cfg) if cfg.backbone == "transformer"
                          else Mamba2Backbone(cfg))
         # pointer heads, reinit_for_finetune
@@ -392,6 +429,42 @@ class SelectorPolicy(nn.Module):
         ang = t[..., None] * freqs
         return torch.cat([ang.sin(), ang.cos()], -1)
 
+    @staticmethod
+    def _novelty(batch: PolicyBatch) -> Tensor:
+        """[B, F, 1]: 1 - cos(x_f, mean of the pool's real frames), z-scored within the pool."""
+        m = batch.frame_mask[..., None].to(batch.frames.dtype)
+        x = F.normalize(batch.frames, dim=-1)
+        mean = F.normalize((x * m).sum(1, keepdim=True), dim=-1)
+        return _pool_zscore(1.0 - (x * mean).sum(-1, keepdim=True), m)
+
+    def set_bridge(self, weight: Any, bias: Any, class_emb: Any) -> None:
+        """Load the frozen bridge (``bridge.TextImageBridge.tensors()``)."""
+        if self.bridge_in is None:
+            raise ValueError("set_bridge: policy.bridge_classes is 0")
+        for name, v in (("bridge_weight", weight), ("bridge_bias", bias),
+                        ("bridge_class_emb", class_emb)):
+            buf = getattr(self, name)
+            v = torch.as_tensor(np.asarray(v), dtype=buf.dtype)
+            if v.shape != buf.shape:
+                raise ValueError(f"set_bridge: {name} has shape {tuple(v.shape)}, the policy "
+                                 f"expects {tuple(buf.shape)} (policy.bridge_classes, "
+                                 "frame_dim, text_dim)")
+            buf.copy_(v)
+
+    def _bridge(self, batch: PolicyBatch) -> Tensor:
+        """[B, F, 2]: relevance of each frame to the question and to its most related option
+        (0 without options), each z-scored within the pool (see refocus_ray/bridge.py)."""
+        p = torch.softmax(batch.frames.float() @ self.bridge_weight.T + self.bridge_bias, -1)
+        e = F.normalize(self.bridge_class_emb, dim=-1)
+        texts = torch.cat([batch.q_emb[:, None], batch.opt_emb], 1).float()  # [B, 1+O, Dt]
+        sim = torch.einsum("cd,btd->btc", e, F.normalize(texts, dim=-1))
+        sim = sim - sim.mean(-1, keepdim=True)  # centred over classes
+        rel = torch.einsum("bfc,btc->bft", p, sim)  # [B, F, 1+O]
+        rel_o = rel[..., 1:].masked_fill(~batch.opt_mask[:, None, :], float("-inf")).amax(-1)
+        rel_o = torch.where(torch.isfinite(rel_o), rel_o, torch.zeros_like(rel_o))
+        return _pool_zscore(torch.stack([rel[..., 0], rel_o], -1),
+                            batch.frame_mask[..., None].float())
+
     def _prompt(self, batch: PolicyBatch, group: int = 1) -> _Prompt:
         """Embed and left-pack [real frames, question, real options]; run the backbone once
         per query, then repeat each row's results `group` times (a GRPO group shares its
@@ -400,12 +473,22 @@ class SelectorPolicy(nn.Module):
         x_f = self.frame_in(batch.frames.to(dtype)) + self.type_emb[0]
         if self.time_in is not None:
             x_f = x_f + self.time_in(self._time_features(batch))
+        if self.novelty_in is not None:
+            x_f = x_f + self.novelty_in(self._novelty(batch).to(dtype))
+        if self.bridge_in is not None:
+            x_f = x_f + self.bridge_in(self._bridge(batch).to(dtype))
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]
-        tokens = torch.cat([x_f, x_q, x_o], 1)
         B, Fp = batch.frame_mask.shape
-        real = torch.cat([batch.frame_mask, torch.ones(B, 1, dtype=torch.bool,
-                                                       device=tokens.device), batch.opt_mask], 1)
+        q_real = torch.ones(B, 1, dtype=torch.bool, device=x_f.device)
+        if self.cfg.query_first:
+            tokens = torch.cat([x_q, x_o, x_f], 1)
+            real = torch.cat([q_real, batch.opt_mask, batch.frame_mask], 1)
+            f0 = 1 + batch.opt_mask.shape[1]  # where the frames start
+        else:
+            tokens = torch.cat([x_f, x_q, x_o], 1)
+            real = torch.cat([batch.frame_mask, q_real, batch.opt_mask], 1)
+            f0 = 0
         n = real.sum(1)  # real tokens per row
         P = int(n.max())
         # destination of each real token: packed to the right end, in original order
@@ -416,7 +499,8 @@ class SelectorPolicy(nn.Module):
         valid = torch.zeros(B, P, dtype=torch.bool, device=tokens.device)
         valid[rows[real], dest[real]] = True
         h, state = self.backbone.prefill(seq, valid)
-        frame_pos = dest[:, :Fp].clamp(min=0, max=P - 1)  # padded frames: any index, masked later
+        # padded frames: any index, masked later
+        frame_pos = dest[:, f0 : f0 + Fp].clamp(min=0, max=P - 1)
         h_frames = h.gather(1, frame_pos[..., None].expand(-1, -1, h.shape[-1]))
         if group > 1:
             r = torch.arange(B, device=h.device).repeat_interleave(group)

@@ -38,10 +38,23 @@ def small_config(backbone: str, **kw) -> PolicyConfig:
                         n_heads=4, state_size=8, head_dim=8, chunk_size=16, **kw)
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+# the query-aware frame inputs (policy.query_first, novelty, bridge_classes) must keep every
+# property below: rescore equals the sampler, padding changes nothing, export round-trips
+VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
+            "transformer-query-aware": ("transformer", {"query_first": True, "novelty": True,
+                                                        "bridge_classes": 10})}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
 def policy(request) -> SelectorPolicy:
     torch.manual_seed(0)
-    return SelectorPolicy(small_config(request.param))
+    backbone, kw = VARIANTS[request.param]
+    p = SelectorPolicy(small_config(backbone, **kw))
+    if kw.get("bridge_classes"):
+        g = torch.Generator().manual_seed(4)
+        p.set_bridge(torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
+                     torch.randn(10, DT, generator=g))
+    return p
 
 
 def make_batch(sizes: list[tuple[int, int]], seed: int = 0, t_frac: bool = True) -> PolicyBatch:
@@ -290,3 +303,24 @@ def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="policy.n_layers: expected"):
         PolicyConfig.from_dict({"n_layers": "two"})
     assert PolicyConfig.from_dict({"backbone": "mamba2"}).backbone == "mamba2"
+
+
+def test_query_aware_inputs_change_picks_and_bridge_shapes_are_checked():
+    """The bridge's relevance depends on the options; a wrong-shaped bridge names the field."""
+    torch.manual_seed(0)
+    p = SelectorPolicy(small_config("transformer", query_first=True, bridge_classes=10))
+    with pytest.raises(ValueError, match="bridge_weight has shape"):
+        p.set_bridge(torch.zeros(9, DF), torch.zeros(10), torch.zeros(10, DT))
+    g = torch.Generator().manual_seed(4)
+    p.set_bridge(torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
+                 torch.randn(10, DT, generator=g))
+    batch = make_batch([(12, 3)])
+    rel = p._bridge(batch)
+    assert rel.shape == (1, 12, 2)
+    assert torch.allclose(rel.mean(1), torch.zeros(1, 2), atol=1e-5)  # z-scored within the pool
+    other = PolicyBatch(batch.frames, batch.frame_mask, batch.t_frac, batch.q_emb,
+                        torch.randn_like(batch.opt_emb), batch.opt_mask)
+    assert not torch.allclose(p._bridge(other)[..., 1], rel[..., 1])
+    assert torch.equal(p._bridge(batch.without_options())[..., 1], torch.zeros(1, 12))
+    with pytest.raises(ValueError, match="bridge_classes is 0"):
+        SelectorPolicy(small_config("transformer")).set_bridge(None, None, None)
