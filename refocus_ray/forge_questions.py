@@ -176,7 +176,8 @@ def _with_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
 
 def _without_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
     """k frames at random, half the time with 1-2 of the video's objects among them; the
-    question is about objects none of them shows."""
+    question is about objects none of them shows (`after`: X is not shown; the object right
+    after it may be, which without X is no evidence)."""
     pos = np.sort(rng.choice(len(track.labels), k, replace=False))
     avail = [o for o in track.order if len(track.frames_of(o))]
     if k > 1 and avail and rng.random() < P_DISTRACTORS_SHOWN:
@@ -198,8 +199,8 @@ def _without_evidence(rng: np.random.Generator, track: Track, family: str, k: in
             return None
         listed = _pick(rng, hidden, int(rng.integers(2, min(4, len(hidden)) + 1)))
         return Example(family, question_text("first"), listed, 0, pos, False)
-    if family == "after":
-        pairs = [(a, b) for a, b in zip(track.order, track.order[1:]) if a in hidden and b in hidden]
+    if family == "after":  # X unseen; the object after it may be seen (still no evidence)
+        pairs = [(a, b) for a, b in zip(track.order, track.order[1:]) if a in hidden]
         if not pairs:
             return None
         x, nxt = pairs[rng.integers(len(pairs))]

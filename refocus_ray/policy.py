@@ -460,8 +460,11 @@ class SelectorPolicy(nn.Module):
         sim = torch.einsum("cd,btd->btc", e, F.normalize(texts, dim=-1))
         sim = sim - sim.mean(-1, keepdim=True)  # centred over classes
         rel = torch.einsum("bfc,btc->bft", p, sim)  # [B, F, 1+O]
-        rel_o = rel[..., 1:].masked_fill(~batch.opt_mask[:, None, :], float("-inf")).amax(-1)
-        rel_o = torch.where(torch.isfinite(rel_o), rel_o, torch.zeros_like(rel_o))
+        if batch.opt_mask.shape[1]:
+            rel_o = rel[..., 1:].masked_fill(~batch.opt_mask[:, None, :], float("-inf")).amax(-1)
+            rel_o = torch.where(torch.isfinite(rel_o), rel_o, torch.zeros_like(rel_o))
+        else:  # no row of the batch has options
+            rel_o = torch.zeros_like(rel[..., 0])
         return _pool_zscore(torch.stack([rel[..., 0], rel_o], -1),
                             batch.frame_mask[..., None].float())
 

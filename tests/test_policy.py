@@ -324,3 +324,11 @@ def test_query_aware_inputs_change_picks_and_bridge_shapes_are_checked():
     assert torch.equal(p._bridge(batch.without_options())[..., 1], torch.zeros(1, 12))
     with pytest.raises(ValueError, match="bridge_classes is 0"):
         SelectorPolicy(small_config("transformer")).set_bridge(None, None, None)
+
+
+def test_a_batch_where_no_query_has_options(policy):
+    """Open-ended questions only (the options dimension is empty): sample and rescore agree."""
+    batch = make_batch([(9, 0), (6, 0)])
+    assert batch.opt_emb.shape[1] == 0
+    out = policy.sample(batch, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(policy.rescore(batch, out.chosen).logp, out.logp, atol=1e-5)
