@@ -70,6 +70,10 @@ def train_supervised(cfg, rows: list[dict[str, Any]], k: int, steps: int, seed: 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     policy = SelectorPolicy(PolicyConfig.from_dict(cfg.section("policy")))
+    if policy.cfg.bridge_classes:
+        from refocus_ray.bridge import bridge_tensors
+
+        policy.set_bridge(**bridge_tensors(cfg))
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-4)
     examples = [example_from_pool(r["pool"], r["q_emb"], r["opt_emb"]) for r in rows]
     targets = [evidence_targets(r, k) for r in rows]

@@ -454,6 +454,10 @@ class SelectorPolicy(nn.Module):
     def _bridge(self, batch: PolicyBatch) -> Tensor:
         """[B, F, 2]: relevance of each frame to the question and to its most related option
         (0 without options), each z-scored within the pool (see refocus_ray/bridge.py)."""
+        if not bool(self.bridge_weight.any()):
+            raise ValueError("policy.bridge_classes > 0 but the bridge was never set: call "
+                             "set_bridge(**bridge.bridge_tensors(cfg)) (training does) or load "
+                             "a saved policy")
         p = torch.softmax(batch.frames.float() @ self.bridge_weight.T + self.bridge_bias, -1)
         e = F.normalize(self.bridge_class_emb, dim=-1)
         texts = torch.cat([batch.q_emb[:, None], batch.opt_emb], 1).float()  # [B, 1+O, Dt]

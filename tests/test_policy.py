@@ -322,6 +322,9 @@ def test_query_aware_inputs_change_picks_and_bridge_shapes_are_checked():
                         torch.randn_like(batch.opt_emb), batch.opt_mask)
     assert not torch.allclose(p._bridge(other)[..., 1], rel[..., 1])
     assert torch.equal(p._bridge(batch.without_options())[..., 1], torch.zeros(1, 12))
+    unset = SelectorPolicy(small_config("transformer", bridge_classes=10))
+    with pytest.raises(ValueError, match="bridge was never set"):
+        unset.sample(batch, 2)
     with pytest.raises(ValueError, match="bridge_classes is 0"):
         SelectorPolicy(small_config("transformer")).set_bridge(None, None, None)
 
