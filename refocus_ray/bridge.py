@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refocus_ray.config import Config, stable_hash
+from refocus_ray.config import Config, ConfigError, stable_hash
 
 # ImageNet-1k class names, one per line in class-index order (Debian's opencv-doc ships them)
 IMAGENET_CLASS_FILES = (
@@ -97,7 +97,19 @@ class TextImageBridge:
 
 def bridge_tensors(cfg: Config) -> dict[str, np.ndarray]:
     """The run's bridge tensors, class-name embeddings cached in the run's features dir."""
+    check_policy_bridge(cfg, len(imagenet_class_names()))
+    return TextImageBridge(cfg, None, cfg.run_path / "features").tensors()
+
+
+def check_policy_bridge(cfg: Config, n_classes: int) -> None:
+    """Config-time check of ``policy.bridge_classes`` (0 = off): the run's encoders can build a
+    bridge and it has that many classes. Raises ConfigError naming the key."""
+    if not n_classes:
+        return
     why = bridge_unavailable(cfg)
     if why:
-        raise ValueError(f"policy.bridge_classes: {why}")
-    return TextImageBridge(cfg, None, cfg.run_path / "features").tensors()
+        raise ConfigError(f"policy.bridge_classes: {why}")
+    n = len(imagenet_class_names())
+    if n_classes != n:
+        raise ConfigError(f"policy.bridge_classes: the ImageNet bridge has {n} classes, "
+                          f"got {n_classes}")

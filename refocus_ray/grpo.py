@@ -75,6 +75,7 @@ from envs.frame_selection import (
     load_query_table,
     register,
 )
+from refocus_ray.bridge import check_policy_bridge
 from refocus_ray.config import Config, ConfigError, build
 from refocus_ray.policy import PolicyBatch, PolicyConfig, SelectorPolicy, collate, example_from_pool
 
@@ -542,6 +543,7 @@ class GRPOConfig(AlgorithmConfig):
 
         t: TrainConfig = build(TrainConfig, cfg.section("train"), "train")
         policy = PolicyConfig.from_dict(cfg.section("policy"))
+        check_policy_bridge(cfg, policy.bridge_classes)
         reference = build(ReferenceConfig, cfg.section("reference"), "reference")
         k_max = max(k for k, _ in t.curriculum)
         if k_max > cfg.pool.max_frames:

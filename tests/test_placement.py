@@ -63,6 +63,8 @@ def test_cluster_config_dry_run_plan_matches_the_documented_gpu_layout(capsys):
     ("cluster.nodes", [{"name": "a", "gpus": 8}], "cluster.nodes[0].gpus: unknown key"),
     ("cluster.nodes", [{"count": 0}], "cluster.nodes[0].count: must be >= 1"),
     ("train.groups_per_batch", 8, "train.groups_per_batch: must be a multiple"),  # RLlib's check
+    # the cluster's SigLIP features have no ImageNet head to bridge through
+    ("policy.bridge_classes", 1000, "policy.bridge_classes: needs the efficientnet_lite0"),
 ])
 def test_bad_placement_keys_are_named(key, value, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
@@ -173,3 +175,10 @@ def test_reward_actor_lands_on_the_labelled_node(tmp_path):
         assert res["node"] == res["labelled"] != res["head"]
     assert plain["strategy"] is None
     assert grouped["strategy"] == "PACK" and grouped["bundles"] == [{"CPU": 1.0}]
+
+
+def test_dry_run_checks_the_policy_bridge_size():
+    embedded = ROOT / "configs" / "embedded.yaml"
+    with pytest.raises(ConfigError, match="policy.bridge_classes: the ImageNet bridge has 1000"):
+        describe_resources(load_config(embedded, {"policy.bridge_classes": 10}))
+    describe_resources(load_config(embedded, {"policy.bridge_classes": 1000}))
