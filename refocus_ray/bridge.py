@@ -97,7 +97,9 @@ class TextImageBridge:
 
 def bridge_tensors(cfg: Config) -> dict[str, np.ndarray]:
     """The run's bridge tensors, class-name embeddings cached in the run's features dir."""
-    check_policy_bridge(cfg, len(imagenet_class_names()))
+    why = bridge_unavailable(cfg)
+    if why:
+        raise ConfigError(f"policy.bridge_classes: {why}")
     return TextImageBridge(cfg, None, cfg.run_path / "features").tensors()
 
 
@@ -109,7 +111,7 @@ def check_policy_bridge(cfg: Config, n_classes: int) -> None:
     why = bridge_unavailable(cfg)
     if why:
         raise ConfigError(f"policy.bridge_classes: {why}")
-    n = len(imagenet_class_names())
+    n = len(imagenet_class_names())  # bridge_unavailable checked the file reads
     if n_classes != n:
         raise ConfigError(f"policy.bridge_classes: the ImageNet bridge has {n} classes, "
                           f"got {n_classes}")

@@ -47,6 +47,10 @@ class Track:
     def frames_of(self, obj: str) -> np.ndarray:
         return np.flatnonzero(self.labels == obj)
 
+    def objects_in_pool(self) -> list[str]:
+        """The video's objects, in time order, that have at least one pool frame."""
+        return [o for o in self.order if len(self.frames_of(o))]
+
 
 @dataclass
 class Example:
@@ -133,7 +137,7 @@ def _with_evidence(rng: np.random.Generator, track: Track, family: str, k: int):
     """The objects the question is about are drawn first (how many: uniform, as in the
     benchmark, so "four" or four listed objects are as common at K = 4 as "one"), then shown
     with other objects of the video as distractors."""
-    avail = [o for o in track.order if len(track.frames_of(o))]
+    avail = track.objects_in_pool()
     room = min(k, len(avail))
     if room < NEED[family]:
         return None
@@ -179,7 +183,7 @@ def _without_evidence(rng: np.random.Generator, track: Track, family: str, k: in
     question is about objects none of them shows (`after`: X is not shown; the object right
     after it may be, which without X is no evidence)."""
     pos = np.sort(rng.choice(len(track.labels), k, replace=False))
-    avail = [o for o in track.order if len(track.frames_of(o))]
+    avail = track.objects_in_pool()
     if k > 1 and avail and rng.random() < P_DISTRACTORS_SHOWN:
         shown = _pick(rng, avail, min(int(rng.integers(1, 3)), k - 1, len(avail)))
         chosen = [int(rng.choice(track.frames_of(o))) for o in shown]

@@ -75,7 +75,7 @@ from envs.frame_selection import (
     load_query_table,
     register,
 )
-from refocus_ray.bridge import check_policy_bridge
+from refocus_ray.bridge import bridge_tensors, check_policy_bridge
 from refocus_ray.config import Config, ConfigError, build
 from refocus_ray.policy import PolicyBatch, PolicyConfig, SelectorPolicy, collate, example_from_pool
 
@@ -216,8 +216,6 @@ class SelectorRLModule(TorchRLModule):
         self.policy = SelectorPolicy(PolicyConfig.from_dict(mc.get("policy")))
         self.source = QuerySource(**mc["query_source"])
         if self.policy.cfg.bridge_classes:  # frozen buffers: the same in every process
-            from refocus_ray.bridge import bridge_tensors
-
             self.policy.set_bridge(**bridge_tensors(self.source.config()))
         self._table = None
         self._plans: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
