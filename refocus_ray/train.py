@@ -119,6 +119,36 @@ def metrics_row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+class SignalWatch:
+    """Warn once when GRPO has run out of signal: for `window` iterations in a row, rewards
+    within a group differed by less than `min_spread` (``reward_group_std_mean``).
+
+    Advantages are (r - mean) / (std + eps): with no spread inside groups the policy no longer
+    moves, however many iterations remain. Measured on the embedded benchmark, this is how a
+    policy that has learned to avoid every frame that changes the reference's answer looks
+    (docs/benchmarks.md, "Training"); the message says so instead of training on in silence.
+    """
+
+    def __init__(self, min_spread: float = 0.02, window: int = 20) -> None:
+        self.min_spread, self.window = min_spread, window
+        self.low, self.warned = 0, False
+
+    def update(self, row: dict[str, Any]) -> str | None:
+        spread = row.get("reward_group_std_mean")
+        if spread is None:
+            return None
+        self.low = self.low + 1 if spread < self.min_spread else 0
+        if self.low < self.window or self.warned:
+            return None
+        self.warned = True
+        return (f"[train] warning: for {self.window} iterations (to {row['iteration']}) the "
+                f"rewards within a group differed by < {self.min_spread} on average "
+                f"(reward_group_std_mean): GRPO has almost no signal left. The policy has "
+                f"likely stopped sampling frames that change the reference's answer; "
+                f"bench/reward_landscape.py shows what the reference rewards "
+                f"(docs/benchmarks.md, 'Training').")
+
+
 def export_policy(algo: Any, out: Path) -> Path:
     """Save the learner's current selector as safetensors + JSON (`policy.save`)."""
     import numpy as np
@@ -176,6 +206,7 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
     metrics.write_text("".join(line + "\n" for line in old
                                if json.loads(line)["iteration"] <= it0))
     log(f"[train] {'resumed at' if start else 'starting'} iteration {it0} of {t.iterations}")
+    watch = SignalWatch()
     try:
         with metrics.open("a") as f:
             while algo.training_iteration < t.iterations:
@@ -186,6 +217,8 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
                 f.flush()
                 it = row["iteration"]
                 log(f"[train] {json.dumps(row)}")
+                if warning := watch.update(row):
+                    log(warning)
                 if it % t.checkpoint_every == 0 or it == t.iterations:
                     ckpt = out / "checkpoints" / f"iter_{it:06d}"
                     algo.save_to_path(str(ckpt))

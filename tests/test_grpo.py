@@ -146,6 +146,22 @@ def test_curriculum_schedule():
 # ---------------------------------------------------------------------------------- env
 
 
+def test_training_warns_once_when_groups_stop_differing():
+    """A run whose groups all earn the same reward cannot move the policy: the user is told
+    once, after a full window of such iterations, and a single informative iteration resets
+    the count. The series is g3's shape (docs/benchmarks.md): 0.23 at first, then ~0.01."""
+    from refocus_ray.train import SignalWatch
+
+    watch = SignalWatch(min_spread=0.02, window=5)
+    spreads = [0.23, 0.14, 0.01, 0.01, 0.01, 0.01, 0.30, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01,
+               0.01]
+    said = [(i, m) for i, v in enumerate(spreads, 1)
+            if (m := watch.update({"iteration": i, "reward_group_std_mean": v}))]
+    assert [i for i, _ in said] == [12]  # 8..12 is the first run of 5; 3..6 was cut at 7
+    assert "no signal" in said[0][1] and "reward_landscape" in said[0][1]
+    assert watch.update({"iteration": 15}) is None  # rows without the metric are ignored
+
+
 def test_env_masks_picks_and_terminates_after_k(table):
     env = _env(table)
     obs, _ = env.reset()
