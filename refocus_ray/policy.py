@@ -101,6 +101,17 @@ class PolicyConfig:
     # saved with the weights (set by `set_bridge`). The paper's SigLIP features are
     # language-aligned; EfficientNet's are not, and this restores that.
     bridge_classes: int = 0
+    # != 0: each frame's score also gets a learnable per-frame prior, w . [relevance to the
+    # question, to the best option, novelty] (the bridge and novelty inputs above, z-scored),
+    # with every w starting at this value (needs bridge_classes). A from-scratch policy starts
+    # uniform, and uniform samples meet partial evidence, which the reference punishes, far
+    # more often than complete evidence (docs/benchmarks.md, "Training"); this starts it where
+    # the training-free relevance-diverse selector is. GRPO moves w like any other weight.
+    prior_weight: float = 0.0
+    # != 0: and minus w_div * (max cosine similarity of the frame's feature to the frames
+    # already chosen, floored at 0), w_div learnable, starting here: the diversity half of
+    # relevance-diverse, so one segment does not take every pick
+    diversity_weight: float = 0.0
     # scoring, as the released code: s = (q.k) * softplus(w) / temperature [/ sqrt(d)]
     temperature: float = 1.0
     logit_scale_init: float = 1.0  # softplus(w) at init
@@ -124,6 +135,9 @@ class PolicyConfig:
             raise ConfigError(f"{key}.bridge_classes: must be >= 0, got {self.bridge_classes}")
         if self.sof_std < 0:
             raise ConfigError(f"{key}.sof_std: must be >= 0, got {self.sof_std}")
+        if self.prior_weight and not self.bridge_classes:
+            raise ConfigError(f"{key}.prior_weight: needs {key}.bridge_classes > 0 (the prior "
+                              f"scores frames by their bridge relevance)")
         if self.backbone == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"{key}.n_heads: must divide d_model={self.d_model}, "
                               f"got {self.n_heads}")
@@ -403,6 +417,11 @@ class SelectorPolicy(nn.Module):
             self.register_buffer("bridge_bias", torch.zeros(c))
             self.register_buffer("bridge_class_emb", torch.zeros(c, cfg.text_dim))
             self.bridge_in = nn.Linear(2, d)
+        # learnable score terms (0 = absent: checkpoints without them load unchanged)
+        self.prior_w = (nn.Parameter(torch.full((3,), float(cfg.prior_weight)))
+                        if cfg.prior_weight else None)
+        self.div_w = (nn.Parameter(torch.tensor(float(cfg.diversity_weight)))
+                      if cfg.diversity_weight else None)
         self.backbone = (TransformerBackbone(cfg) if cfg.backbone == "transformer"
                          else Mamba2Backbone(cfg))
         # pointer heads, reinit_for_finetune
@@ -471,6 +490,19 @@ class SelectorPolicy(nn.Module):
             rel_o = torch.zeros_like(rel[..., 0])
         return _pool_zscore(torch.stack([rel[..., 0], rel_o], -1),
                             batch.frame_mask[..., None].float())
+
+    def _frame_bias(self, batch: PolicyBatch, group: int) -> Tensor | None:
+        """[B * group, F] per-frame prior added to every step's scores, or None."""
+        if self.prior_w is None:
+            return None
+        x = torch.cat([self._bridge(batch), self._novelty(batch).float()], -1)  # [B, F, 3]
+        return (x * self.prior_w).sum(-1).repeat_interleave(group, 0)
+
+    def _unit_frames(self, batch: PolicyBatch, group: int) -> Tensor | None:
+        """[B * group, F, D] unit-norm frame features for the diversity term, or None."""
+        if self.div_w is None:
+            return None
+        return F.normalize(batch.frames.float(), dim=-1).repeat_interleave(group, 0)
 
     def _prompt(self, batch: PolicyBatch, group: int = 1) -> _Prompt:
         """Embed and left-pack [real frames, question, real options]; run the backbone once
@@ -565,6 +597,8 @@ class SelectorPolicy(nn.Module):
         blocked = ~frame_mask
         x = self.sof.expand(B, 1, -1)  # x_1 = <sof>
         state, seq, valid = pr.state, pr.seq, pr.valid
+        bias, unit = self._frame_bias(batch, group), self._unit_frames(batch, group)
+        near = torch.zeros(B, Fp, device=keys.device)  # max cos to the frames chosen so far
         chosen = torch.empty(B, k, dtype=torch.long, device=keys.device)
         logps = torch.empty(B, k, device=keys.device)
         psum = torch.zeros(B, Fp, device=keys.device)
@@ -575,8 +609,12 @@ class SelectorPolicy(nn.Module):
                 seq = torch.cat([seq, x], 1)
                 valid = torch.cat([valid, valid.new_ones(B, 1)], 1)
                 h, _ = self.backbone.prefill(seq, valid)
-            logit = self._scores(h[:, -1:], keys)[:, 0].masked_fill(blocked, float("-inf"))
-            logp = torch.log_softmax(logit, -1)
+            logit = self._scores(h[:, -1:], keys)[:, 0]
+            if bias is not None:
+                logit = logit + bias
+            if unit is not None:
+                logit = logit - self.div_w * near
+            logp = torch.log_softmax(logit.masked_fill(blocked, float("-inf")), -1)
             if greedy:
                 c = logp.argmax(-1)
             else:
@@ -586,6 +624,8 @@ class SelectorPolicy(nn.Module):
             chosen[:, t], logps[:, t] = c, logp[rows, c]
             psum += logp.exp()
             blocked[rows, c] = True
+            if unit is not None:
+                near = torch.maximum(near, (unit * unit[rows, c][:, None]).sum(-1))
             x = values[rows, c][:, None]  # x_{t+1} = v_{c_t}
         return SampleOut(chosen, logps, psum / k)
 
@@ -615,6 +655,13 @@ class SelectorPolicy(nn.Module):
         x = torch.cat([self.sof.expand(B, 1, -1), values[rows, chosen[:, :-1]]], 1)
         h, _ = self.backbone.extend(x, pr.state)  # h_1..h_k in parallel
         logit = self._scores(h, keys)  # [B, k, F]
+        if (bias := self._frame_bias(batch, group)) is not None:
+            logit = logit + bias[:, None]
+        if (unit := self._unit_frames(batch, group)) is not None:
+            sims = torch.einsum("bkd,bfd->bkf", unit[rows, chosen], unit).clamp(min=0)
+            near = torch.cummax(sims, 1).values  # step t sees the picks before t
+            near = torch.cat([torch.zeros_like(near[:, :1]), near[:, :-1]], 1)
+            logit = logit - self.div_w * near
         onehot = torch.zeros(B, k, frame_mask.shape[1], device=logit.device)
         onehot.scatter_(2, chosen[..., None], 1.0)
         before = (onehot.cumsum(1) - onehot) > 0  # picked at an earlier step

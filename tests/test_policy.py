@@ -42,7 +42,9 @@ def small_config(backbone: str, **kw) -> PolicyConfig:
 # property below: rescore equals the sampler, padding changes nothing, export round-trips
 VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
             "transformer-query-aware": ("transformer", {"query_first": True, "novelty": True,
-                                                        "bridge_classes": 10})}
+                                                        "bridge_classes": 10}),
+            "transformer-prior": ("transformer", {"bridge_classes": 10, "prior_weight": 1.0,
+                                                  "diversity_weight": 2.0})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -188,8 +190,8 @@ def test_entropy_is_exact_over_unmasked_entries(policy):
             assert int(live.sum()) == int(batch.frame_mask[i].sum()) - t
             naive = -(ld[live].exp() * ld[live]).sum()
             assert torch.allclose(re.entropy[i, t], naive, atol=1e-5)
-    # at init the scores are small: close to uniform over the remaining frames
-    assert abs(float(re.entropy[1, 0].detach()) - math.log(14)) < 0.05
+    if policy.prior_w is None:  # at init the scores are small: near uniform over the rest
+        assert abs(float(re.entropy[1, 0].detach()) - math.log(14)) < 0.05
 
 
 def test_k_larger_than_pool_raises_clearly(policy):
@@ -335,3 +337,28 @@ def test_a_batch_where_no_query_has_options(policy):
     assert batch.opt_emb.shape[1] == 0
     out = policy.sample(batch, 3, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(policy.rescore(batch, out.chosen).logp, out.logp, atol=1e-5)
+
+
+def test_prior_starts_on_relevant_frames_and_diversity_spreads_the_picks():
+    """policy.prior_weight: the first pick goes where the prior (bridge relevance + novelty)
+    points; policy.diversity_weight: a frame identical to one already chosen is all but
+    excluded. Both are learnable weights (GRPO can undo them) and rescore agrees with them."""
+    torch.manual_seed(0)
+    p = SelectorPolicy(small_config("transformer", bridge_classes=10, prior_weight=10.0,
+                                    diversity_weight=50.0))
+    g = torch.Generator().manual_seed(4)
+    p.set_bridge(torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
+                 torch.randn(10, DT, generator=g))
+    batch = make_batch([(12, 3)])
+    batch.frames[0, 7] = batch.frames[0, 2]  # frame 7 duplicates frame 2
+    prior = p._frame_bias(batch, 1)[0]
+    first = p.sample(batch, 1, greedy=True).chosen[0, 0]
+    assert int(first) == int(prior.argmax())
+    assert {n for n, _ in p.named_parameters()} >= {"prior_w", "div_w"}
+    torch.manual_seed(0)
+    d = SelectorPolicy(small_config("transformer", diversity_weight=50.0))
+    re = d.rescore(batch, torch.tensor([[2, 7, 0]]))
+    assert float(re.logp[0, 1]) < -20  # the duplicate right after its twin
+    assert float(re.log_dist[0, 0, 7]) > -math.log(12) - 0.1  # but not before it
+    with pytest.raises(ConfigError, match="prior_weight: needs policy.bridge_classes"):
+        small_config("transformer", prior_weight=1.0)
