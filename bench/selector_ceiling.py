@@ -11,6 +11,9 @@ questions on the test split at K frames, scored by the run's reference model on 
                 frame features and question embeddings let a policy find on unseen videos
     uniform     the paper's baseline
 
+With ``--steps 0`` that row ("untrained") is the policy as configured at init: what an
+inductive bias alone gives (e.g. ``--set policy.prior_weight=2 --set policy.diversity_weight=10``).
+
 For each it prints accuracy per family, the share of questions whose K frames hit every
 evidence segment ("full"), and the accuracy given full and given partial evidence. If the
 reference is right only some of the time with full evidence, or confidently wrong with partial
@@ -141,9 +144,10 @@ def main() -> None:
     print(f"{len(train_rows)} train questions, {len(rows)} {args.split} questions, K={args.k}")
     policy = train_supervised(cfg, train_rows, args.k, args.steps)
     examples = [example_from_pool(r["pool"], r["q_emb"], r["opt_emb"]) for r in rows]
+    learned = "supervised" if args.steps else "untrained"
     selections = {
         "uniform": [selectors.uniform(len(r["pool"].frames), args.k) for r in rows],
-        "supervised": selectors.refocus(policy, examples, args.k, seed=0),
+        learned: selectors.refocus(policy, examples, args.k, seed=0),
         "oracle": [oracle(r, args.k) for r in rows],
     }
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
@@ -169,7 +173,7 @@ def main() -> None:
                          f"{x['acc_given_partial'] if x['acc_given_partial'] is not None else '-'})")
         print(f"{fam:8s} {result['uniform'][fam]['n']:4d} " + " ".join(f"{c:>30s}" for c in cells))
     u = result["uniform"]["all"]["accuracy"]
-    for m in ("supervised", "oracle"):
+    for m in (learned, "oracle"):
         a = result[m]["all"]["accuracy"]
         print(f"{m} - uniform: {a - u:+.3f} ({a / max(u, 1e-9):.2f}x)")
     if args.json:
