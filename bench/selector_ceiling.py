@@ -102,8 +102,10 @@ def train_supervised(cfg, rows: list[dict[str, Any]], k: int, steps: int, seed: 
     return policy.eval()
 
 
-def breakdown(rows: list[dict[str, Any]], correct: np.ndarray, recall: list) -> dict[str, Any]:
-    """Accuracy per family, and given full / partial evidence."""
+def breakdown(rows: list[dict[str, Any]], correct: np.ndarray, recall: list,
+              margin: np.ndarray) -> dict[str, Any]:
+    """Accuracy and mean margin (what the paper's reward is a function of) per family, and
+    accuracy given full / partial evidence."""
     out: dict[str, Any] = {}
     fams = np.array([r["family"] for r in rows])
     full = np.array([np.nan if x is None else float(x == 1.0) for x in recall])
@@ -113,6 +115,7 @@ def breakdown(rows: list[dict[str, Any]], correct: np.ndarray, recall: list) -> 
         has = ~np.isnan(f)
         out[fam] = {
             "n": int(s.sum()), "accuracy": round(float(c.mean()), 3),
+            "margin": round(float(margin[s].mean()), 3),
             "full_evidence": round(float(f[has].mean()), 3) if has.any() else None,
             "acc_given_full": round(float(c[has][f[has] == 1].mean()), 3)
             if (f[has] == 1).any() else None,
@@ -155,8 +158,8 @@ def main() -> None:
     try:
         result = {}
         for name, positions in selections.items():
-            correct, _, recall = score_selections(pool, rows, positions)
-            result[name] = breakdown(rows, correct, recall)
+            correct, margin, recall = score_selections(pool, rows, positions)
+            result[name] = breakdown(rows, correct, recall, margin)
     finally:
         pool.shutdown()
         ray.shutdown()
@@ -175,7 +178,8 @@ def main() -> None:
     u = result["uniform"]["all"]["accuracy"]
     for m in (learned, "oracle"):
         a = result[m]["all"]["accuracy"]
-        print(f"{m} - uniform: {a - u:+.3f} ({a / max(u, 1e-9):.2f}x)")
+        print(f"{m} - uniform: {a - u:+.3f} ({a / max(u, 1e-9):.2f}x); mean margin "
+              f"{result[m]['all']['margin']:+.2f} vs {result['uniform']['all']['margin']:+.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"k": args.k, "split": args.split, "steps": args.steps, **result}, f,
