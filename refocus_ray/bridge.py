@@ -97,10 +97,13 @@ class TextImageBridge:
 
 def bridge_tensors(cfg: Config) -> dict[str, np.ndarray]:
     """The run's bridge tensors, class-name embeddings cached in the run's features dir."""
-    why = bridge_unavailable(cfg)
-    if why:
-        raise ConfigError(f"policy.bridge_classes: {why}")
+    _require_bridge(cfg)
     return TextImageBridge(cfg, None, cfg.run_path / "features").tensors()
+
+
+def _require_bridge(cfg: Config) -> None:
+    if why := bridge_unavailable(cfg):
+        raise ConfigError(f"policy.bridge_classes: {why}")
 
 
 def check_policy_bridge(cfg: Config, n_classes: int) -> None:
@@ -108,9 +111,7 @@ def check_policy_bridge(cfg: Config, n_classes: int) -> None:
     bridge and it has that many classes. Raises ConfigError naming the key."""
     if not n_classes:
         return
-    why = bridge_unavailable(cfg)
-    if why:
-        raise ConfigError(f"policy.bridge_classes: {why}")
+    _require_bridge(cfg)
     n = len(imagenet_class_names())  # bridge_unavailable checked the file reads
     if n_classes != n:
         raise ConfigError(f"policy.bridge_classes: the ImageNet bridge has {n} classes, "

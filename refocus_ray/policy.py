@@ -387,6 +387,7 @@ class _Prompt:
     state: Any  # backbone cache after the prompt
     seq: Tensor  # [B, P, d] the packed prompt (for the no-cache path)
     valid: Tensor  # bool [B, P]
+    bias: Tensor | None  # [B, F] the per-frame score prior (policy.prior_weight), or None
 
 
 def _pool_zscore(x: Tensor, m: Tensor) -> Tensor:
@@ -491,13 +492,6 @@ class SelectorPolicy(nn.Module):
         return _pool_zscore(torch.stack([rel[..., 0], rel_o], -1),
                             batch.frame_mask[..., None].float())
 
-    def _frame_bias(self, batch: PolicyBatch, group: int) -> Tensor | None:
-        """[B * group, F] per-frame prior added to every step's scores, or None."""
-        if self.prior_w is None:
-            return None
-        x = torch.cat([self._bridge(batch), self._novelty(batch).float()], -1)  # [B, F, 3]
-        return (x * self.prior_w).sum(-1).repeat_interleave(group, 0)
-
     def _unit_frames(self, batch: PolicyBatch, group: int) -> Tensor | None:
         """[B * group, F, D] unit-norm frame features for the diversity term, or None."""
         if self.div_w is None:
@@ -512,10 +506,17 @@ class SelectorPolicy(nn.Module):
         x_f = self.frame_in(batch.frames.to(dtype)) + self.type_emb[0]
         if self.time_in is not None:
             x_f = x_f + self.time_in(self._time_features(batch))
+        # computed once: frame inputs and the score prior share them
+        use_nov = self.novelty_in is not None or self.prior_w is not None
+        nov = self._novelty(batch) if use_nov else None
+        rel = self._bridge(batch) if self.bridge_in is not None else None
         if self.novelty_in is not None:
-            x_f = x_f + self.novelty_in(self._novelty(batch).to(dtype))
+            x_f = x_f + self.novelty_in(nov.to(dtype))
         if self.bridge_in is not None:
-            x_f = x_f + self.bridge_in(self._bridge(batch).to(dtype))
+            x_f = x_f + self.bridge_in(rel.to(dtype))
+        bias = None  # w . [relevance to question, to best option, novelty]
+        if self.prior_w is not None:
+            bias = (torch.cat([rel, nov.float()], -1) * self.prior_w).sum(-1)
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]
         B, Fp = batch.frame_mask.shape
@@ -543,8 +544,9 @@ class SelectorPolicy(nn.Module):
         h_frames = h.gather(1, frame_pos[..., None].expand(-1, -1, h.shape[-1]))
         if group > 1:
             r = torch.arange(B, device=h.device).repeat_interleave(group)
-            return _Prompt(h_frames[r], self.backbone.select_rows(state, r), seq[r], valid[r])
-        return _Prompt(h_frames, state, seq, valid)
+            return _Prompt(h_frames[r], self.backbone.select_rows(state, r), seq[r], valid[r],
+                           None if bias is None else bias[r])
+        return _Prompt(h_frames, state, seq, valid, bias)
 
     def _scores(self, h_t: Tensor, keys: Tensor) -> Tensor:
         """s_t(f) = (q_t . k_f) * softplus(w) / tau [/ sqrt(d)]; h_t [B, T, d] -> [B, T, F]."""
@@ -597,7 +599,7 @@ class SelectorPolicy(nn.Module):
         blocked = ~frame_mask
         x = self.sof.expand(B, 1, -1)  # x_1 = <sof>
         state, seq, valid = pr.state, pr.seq, pr.valid
-        bias, unit = self._frame_bias(batch, group), self._unit_frames(batch, group)
+        bias, unit = pr.bias, self._unit_frames(batch, group)
         near = torch.zeros(B, Fp, device=keys.device)  # max cos to the frames chosen so far
         chosen = torch.empty(B, k, dtype=torch.long, device=keys.device)
         logps = torch.empty(B, k, device=keys.device)
@@ -655,8 +657,8 @@ class SelectorPolicy(nn.Module):
         x = torch.cat([self.sof.expand(B, 1, -1), values[rows, chosen[:, :-1]]], 1)
         h, _ = self.backbone.extend(x, pr.state)  # h_1..h_k in parallel
         logit = self._scores(h, keys)  # [B, k, F]
-        if (bias := self._frame_bias(batch, group)) is not None:
-            logit = logit + bias[:, None]
+        if pr.bias is not None:
+            logit = logit + pr.bias[:, None]
         if (unit := self._unit_frames(batch, group)) is not None:
             sims = torch.einsum("bkd,bfd->bkf", unit[rows, chosen], unit).clamp(min=0)
             near = torch.cummax(sims, 1).values  # step t sees the picks before t

@@ -351,7 +351,7 @@ def test_prior_starts_on_relevant_frames_and_diversity_spreads_the_picks():
                  torch.randn(10, DT, generator=g))
     batch = make_batch([(12, 3)])
     batch.frames[0, 7] = batch.frames[0, 2]  # frame 7 duplicates frame 2
-    prior = p._frame_bias(batch, 1)[0]
+    prior = p._prompt(batch).bias[0]
     first = p.sample(batch, 1, greedy=True).chosen[0, 0]
     assert int(first) == int(prior.argmax())
     assert {n for n, _ in p.named_parameters()} >= {"prior_w", "div_w"}
