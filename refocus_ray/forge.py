@@ -49,6 +49,7 @@ CHAT_TEMPLATE = (
 CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
 EVAL_K = (4, 8)
 TRAIN_VIDEOS = ("all", "half0", "half1")
+NO_EVIDENCE_TARGETS = ("uniform", "first_option")
 RANK_WORDS = ("none", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
@@ -85,6 +86,13 @@ class ForgeConfig:
     min_k: int = 1
     max_k: int = 16
     p_evidence: float = 0.55  # share of training subsets forced to hold all evidence
+    # what the model is taught to answer when the frames show none of the objects the question
+    # is about: "uniform" (no margin either way) or "first_option" (a confident guess: the first
+    # listed option, "one" for how-many). Uniform makes partial evidence, which a reader of the
+    # frames answers confidently and often wrongly (one of three listed objects seen: "one"),
+    # pay less than none, so a selector learns to avoid objects (docs/benchmarks.md, "reward
+    # landscape"); a fixed guess makes "nothing seen" as wrong as a wrong reading
+    no_evidence_target: str = "uniform"
     # which training videos (sorted by id): "all", or alternate halves "half0" / "half1", so
     # two forged models (the reference and the answering model) share no training video
     train_videos: str = "all"
@@ -138,6 +146,9 @@ class ForgeConfig:
             bad("need 0 <= p_evidence <= 1 and 0 <= curriculum <= ramp <= 1")
         if not self.min_k <= self.warm_k <= self.max_k:
             bad(f"need min_k <= warm_k <= max_k, got warm_k={self.warm_k}")
+        if self.no_evidence_target not in NO_EVIDENCE_TARGETS:
+            bad(f"no_evidence_target must be one of {NO_EVIDENCE_TARGETS}, "
+                f"got {self.no_evidence_target!r}")
         if self.train_videos not in TRAIN_VIDEOS:
             bad(f"train_videos must be one of {TRAIN_VIDEOS}, got {self.train_videos!r}")
         if self.frame_label_weight < 0 or self.word_rank_weight < 0:
@@ -519,20 +530,26 @@ def _word_ranks(ids, frame_labels, word_of: dict[int, str], rank_tok: list[int])
     return rows, cols, targets
 
 
-def _loss(logits, z, target, answer_tok, with_ev):
+def _loss(logits, z, target, answer_tok, with_ev, first_tok=None):
     """With evidence: cross-entropy on the answer (its token over the vocabulary, and over the
-    options). Without: cross-entropy to the uniform distribution over the options.
+    options). Without: cross-entropy to the uniform distribution over the options or, given
+    `first_tok` (``no_evidence_target: first_option``), on the first option.
 
     Supervising evidence-free subsets with the true answer teaches the model to recognise the
     *video* (its background footage) and recall the answer: train accuracy without evidence
-    reached 95% while val stayed at chance. A uniform target there makes evidence the only way
-    to be right, and is the calibration the reward needs (no evidence, no margin).
+    reached 95% while val stayed at chance. Either target here is independent of the answer, so
+    evidence is the only way to be right.
     """
     import torch
     import torch.nn.functional as F
 
+    if first_tok is not None:
+        target = torch.where(with_ev, target, torch.zeros_like(target))
+        answer_tok = torch.where(with_ev, answer_tok, first_tok)
     ce = F.cross_entropy(logits, answer_tok, reduction="none")
     ce = ce + F.cross_entropy(z, target, reduction="none")
+    if first_tok is not None:
+        return ce.mean()
     valid = torch.isfinite(z)
     logp = torch.log_softmax(z, -1).masked_fill(~valid, 0.0)
     uniform = -logp.sum(-1) / valid.sum(-1)
@@ -627,7 +644,10 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         logits, z = _option_logits(model, batch, [option_ids(q) for q, _ in items], h)
         target = torch.tensor([q.answer for q, _ in items])
         answer_tok = torch.tensor([option_ids(q)[q.answer] for q, _ in items])
-        loss = _loss(logits, z, target, answer_tok, torch.tensor([w for _, _, w, _ in drawn]))
+        first_tok = (torch.tensor([option_ids(q)[0] for q, _ in items])
+                     if cfg.no_evidence_target == "first_option" else None)  # fmt: skip
+        loss = _loss(logits, z, target, answer_tok, torch.tensor([w for _, _, w, _ in drawn]),
+                     first_tok)  # fmt: skip
         aux: dict[str, float] = {}  # auxiliary accuracies, logged
         if cfg.frame_label_weight:  # each frame's visual token reads as its label word
             words = [w for _, _, _, labels in drawn for w in labels]

@@ -10,8 +10,9 @@ is the only way to be right.
 
 With evidence, the shown frames fix the answer ("which appears first" among the listed objects
 that are shown; "how many" of the listed objects are shown). Without evidence, no listed object
-is shown and the target is uniform over the options (see `forge._loss`), exactly as the
-forge's evaluation and the reward define "no evidence"; half of these examples show some of
+is shown and the target is uniform over the options or the first option (``forge:
+no_evidence_target``, see `forge._loss`), never the answer, exactly as the forge's evaluation
+and the reward define "no evidence"; half of these examples show some of
 the video's other objects, so seeing an option is not taken for evidence about it.
 """
 

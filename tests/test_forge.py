@@ -47,6 +47,26 @@ def test_config_validation():
         forge.ForgeConfig(frame_size=50)
     with pytest.raises(ValueError, match="min_k"):
         forge.ForgeConfig(min_k=40)
+    with pytest.raises(ValueError, match="no_evidence_target"):
+        forge.ForgeConfig(no_evidence_target="answer")
+
+
+def test_no_evidence_target_never_uses_the_answer():
+    """Without evidence the loss pulls toward uniform or toward the first option, whatever the
+    answer is (supervising the answer there teaches the model to recall videos)."""
+    z = torch.zeros(2, 4, requires_grad=True)
+    logits = torch.zeros(2, 10, requires_grad=True)
+    with_ev = torch.tensor([True, False])
+    for answer in (1, 3):
+        target, tok = torch.tensor([2, answer]), torch.tensor([5, 5 + answer])
+        z.grad = logits.grad = None
+        forge._loss(logits, z, target, tok, with_ev).backward()
+        assert torch.allclose(z.grad[1], torch.zeros(4))  # uniform is already optimal
+        assert z.grad[0].argmin() == 2  # with evidence: toward the answer
+        z.grad = logits.grad = None
+        forge._loss(logits, z, target, tok, with_ev, first_tok=torch.tensor([7, 7])).backward()
+        assert z.grad[1].argmin() == 0 and logits.grad[1].argmin() == 7  # the first option
+        assert z.grad[0].argmin() == 2 and logits.grad[0].argmin() == 5
 
 
 def test_prompt_rejects_multi_token_option(tiny):
