@@ -165,6 +165,29 @@ def export_policy(algo: Any, out: Path) -> Path:
     return save(policy, out)
 
 
+# train: keys -> the GRPOConfig attribute a checkpoint restores them into
+RESTORED_KEYS = {"group_size": "group_size", "groups_per_batch": "groups_per_batch",
+                 "minibatch_groups": "minibatch_groups", "num_epochs": "num_epochs",
+                 "clip": "clip_param", "entropy_coeff": "entropy_coeff", "adv_eps": "adv_eps",
+                 "lr": "lr", "grad_clip": "grad_clip", "curriculum": "curriculum",
+                 "options_dropout": "options_dropout"}  # fmt: skip
+
+
+def resume_changes(t: Any, restored: Any) -> dict[str, tuple[Any, Any]]:
+    """train: keys whose config value differs from the checkpoint's, as {key: (was, now)}.
+
+    RLlib restores the whole algorithm config from a checkpoint, so a key changed before
+    ``--resume`` would be silently ignored (seen: a new curriculum had no effect)."""
+    out = {}
+    for key, attr in RESTORED_KEYS.items():
+        was, now = getattr(restored, attr), getattr(t, key)
+        if key == "curriculum":
+            was, now = [list(x) for x in was], [list(x) for x in now]
+        if was != now:
+            out[key] = (was, now)
+    return out
+
+
 def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> Path:
     """Train (or resume) GRPO for the run; returns the run directory.
 
@@ -200,6 +223,17 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
         log(f"[train] --resume: no checkpoint under {out / 'checkpoints'}; starting fresh")
     algo = (Algorithm.from_checkpoint(str(start)) if start is not None
             else GRPOConfig.from_run_config(cfg, scorer=scorer).build_algo())
+    if start is not None and (changed := resume_changes(t, algo.config)):
+        algo.stop()
+        if pool is not None:
+            pool.shutdown()
+        raise ConfigError(
+            f"train --resume: {start} was trained with "
+            + "; ".join(f"train.{k}={was!r} (the config now says {now!r})"
+                        for k, (was, now) in changed.items())
+            + ". A resumed run continues with its checkpoint's settings: restore these keys, "
+            "or train into a new run_dir (train.iterations may be raised to train longer)"
+        )  # fmt: skip
     it0 = algo.training_iteration
     # metrics.jsonl holds exactly the iterations the restored state has seen
     old = metrics.read_text().splitlines() if (start is not None and metrics.exists()) else []

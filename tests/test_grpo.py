@@ -393,10 +393,10 @@ def test_train_checkpoints_resumes_and_exports_the_policy(run_cfg, scorer):
     from refocus_ray.policy import load
     from refocus_ray.train import latest_checkpoint, train
 
-    def cfg(iterations: int):
+    def cfg(iterations: int, curriculum=([4, 1], [8, 5])):
         return load_config(None, {**_overrides(run_cfg), "policy": POLICY, "train": {
             "group_size": G, "groups_per_env_runner": 1, "groups_per_batch": 1,
-            "curriculum": [[4, 1], [8, 5]], "iterations": iterations, "checkpoint_every": 2}})
+            "curriculum": list(curriculum), "iterations": iterations, "checkpoint_every": 2}})
 
     train(cfg(3), scorer=scorer, log=lambda _: None)  # checkpoints at 2 and 3 (the last)
     assert latest_checkpoint(cfg(3)).name == "iter_000003"
@@ -407,6 +407,12 @@ def test_train_checkpoints_resumes_and_exports_the_policy(run_cfg, scorer):
     assert all(r["reward_calls"] == 1 and -1 < r["reward_mean"] < 1 for r in rows)
     policy = load(run / "train" / "policy")
     assert policy.cfg.d_model == POLICY["d_model"]
+    # a changed setting is not silently ignored: RLlib would resume with the checkpoint's
+    changed = cfg(6, curriculum=([4, 6],))
+    with pytest.raises(ConfigError, match=r"train.curriculum=\[\[4, 1\], \[8, 5\]\] \(the config "
+                       r"now says \[\[4, 6\]\]\)"):
+        train(changed, resume=True, scorer=scorer, log=lambda _: None)
+    assert latest_checkpoint(cfg(4)).name == "iter_000004"  # nothing lost
 
 
 def test_env_name_survives_a_ray_restart():
