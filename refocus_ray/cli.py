@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(tr)
     tr.add_argument("--resume", action="store_true",
                     help="continue from this run's last checkpoint (iteration, optimizer, "
-                    "curriculum stage, seeds)")
+                    "curriculum stage, question stream) with its settings; only "
+                    "train.iterations may differ, to train longer")
     tr.add_argument("--dry-run", action="store_true",
                     help="validate the config and print the placement it would request "
                     "(bundles per role, totals per resource; with cluster.nodes: whether and "
