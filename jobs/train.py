@@ -6,8 +6,10 @@ How to run:
         python -m jobs.train --config configs/embedded.yaml
     python -m jobs.train --config configs/cluster.yaml --dry-run     # resources, no work
 
-What to expect (embedded, 2 cores): mean reward and accuracy rise over the iterations (see
-<run_dir>/train/training_curve.png); heldout.json shows refocus above uniform sampling at K=4.
+What to expect (embedded, 2 cores, 600 iterations, about 14-19 minutes): mean train reward
+rises from about -0.1 to +0.2 and train accuracy from 0.45 to 0.6 (see
+<run_dir>/train/training_curve.png); heldout.json shows refocus about 0.53-0.54 vs uniform 0.42
+at K=4 on the test split (+10 to +12 points, docs/benchmarks.md "Training").
 """
 
 import sys
