@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/embedded.yaml
 INSTALL_HASH := $(shell cat pyproject.toml requirements/cpu.lock Makefile | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(INSTALL_HASH)
+SETUP_FREE_GB ?= 6
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export VLLM_HOST_IP := 127.0.0.1
@@ -22,6 +23,11 @@ OPENCV_CLIPS := /usr/share/doc/opencv-doc/examples/data/vtest.avi
 setup: $(STAMP)
 
 $(STAMP):
+	@# a full disk fails pip midway with "[Errno 28] No space left on device"; say so up front
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	if [ "$$free_kb" -lt $$(( $(SETUP_FREE_GB) * 1024 * 1024 )) ]; then \
+	  echo "setup: only $$(( free_kb / 1024 / 1024 )) GB free under $$(pwd); installing .venv needs about $(SETUP_FREE_GB) GB (torch, vLLM, Ray, downloads). Free some space and re-run." >&2; \
+	  exit 1; fi
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# 1. the CPU torch wheel that lies on these machines' disk (pip resolves it offline-first);
 	#    anything letting pip pick a newer torch would pull a multi-GB CUDA build
