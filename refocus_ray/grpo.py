@@ -200,9 +200,9 @@ def episode_rows(episodes: Sequence[Any]) -> dict[str, np.ndarray]:
 
 
 class SelectorRLModule(TorchRLModule):
-    """`SelectorPolicy` as an RLModule. model_config: ``policy`` (PolicyConfig dict) and
+    """`SelectorPolicy` as an RLModule. model_config: ``policy`` (PolicyConfig dict),
     ``query_source`` (QuerySource dict; the module reads pool/query features itself, the
-    observation only carries indices).
+    observation only carries indices) and ``seed`` (of the sampling noise).
 
     Exploration/inference: plan K picks at an episode's first step (see the module docstring of
     `refocus_ray.grpo`), then replay one pick per env step. Train: teacher-forced rescore of
@@ -268,7 +268,8 @@ class SelectorRLModule(TorchRLModule):
         for kk in np.unique(k[step == 0]):  # new episodes: plan all K picks in one pass
             rows = np.flatnonzero((step == 0) & (k == kk))
             pb, n, order = self.policy_batch(obs[QUERY][rows], obs[SHOW_OPTIONS][rows])
-            out = self.policy.sample(pb, int(kk), greedy=greedy, group=n)
+            out = self.policy.sample(pb, int(kk), greedy=greedy, group=n,
+                                     generator=self._noise(episode[rows]))
             for r, c, lp in zip(rows[order], out.chosen.numpy(), out.logp.numpy()):
                 self._plans[int(episode[r])] = (c, lp)
                 self._plans.move_to_end(int(episode[r]))
@@ -290,6 +291,15 @@ class SelectorRLModule(TorchRLModule):
                 del self._plans[int(episode[r])]
         return {Columns.ACTIONS: torch.from_numpy(actions),
                 Columns.ACTION_LOGP: torch.from_numpy(logp)}
+
+    def _noise(self, episodes: np.ndarray) -> torch.Generator:
+        """The sampling noise of these episodes, a function of (seed, episode ids) only: the
+        global torch RNG would do, but RLlib reseeds it on restore, so a resumed run would
+        draw other frames than the uninterrupted one. Episode ids are stream positions, which
+        `train --resume` restores."""
+        seed = np.random.SeedSequence([int(self.model_config.get("seed", 0)),
+                                       int(episodes.min())]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
 
     def _timed_act(self, batch: dict[str, Any], greedy: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -583,7 +593,7 @@ class GRPOConfig(AlgorithmConfig):
                 curriculum=[list(s) for s in t.curriculum], options_dropout=t.options_dropout,
                 async_sampling=t.async_sampling, lr=t.lr, grad_clip=t.grad_clip,
             )
-            .rl_module(model_config={"policy": policy.to_dict(),
+            .rl_module(model_config={"policy": policy.to_dict(), "seed": seed,
                                      "query_source": source.to_dict()})
             .debugging(seed=seed)
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -398,15 +399,26 @@ def test_train_checkpoints_resumes_and_exports_the_policy(run_cfg, scorer):
             "group_size": G, "groups_per_env_runner": 1, "groups_per_batch": 1,
             "curriculum": list(curriculum), "iterations": iterations, "checkpoint_every": 2}})
 
+    def metrics(run):
+        return [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+
+    run = train(cfg(4), scorer=scorer, log=lambda _: None)  # uninterrupted, for comparison
+    straight, straight_policy = metrics(run), load(run / "train" / "policy").state_dict()
+    shutil.rmtree(run / "train")
+
     train(cfg(3), scorer=scorer, log=lambda _: None)  # checkpoints at 2 and 3 (the last)
     assert latest_checkpoint(cfg(3)).name == "iter_000003"
     run = train(cfg(4), resume=True, scorer=scorer, log=lambda _: None)
-    rows = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run)
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
     assert [r["k"] for r in rows] == [4, 8, 8, 8]  # the curriculum continues after the resume
     assert all(r["reward_calls"] == 1 and -1 < r["reward_mean"] < 1 for r in rows)
+    # the resumed run is the uninterrupted one: same questions, same sampled frames, same weights
+    assert [r["reward_mean"] for r in rows] == [r["reward_mean"] for r in straight]
     policy = load(run / "train" / "policy")
     assert policy.cfg.d_model == POLICY["d_model"]
+    for name, value in policy.state_dict().items():
+        assert torch.equal(value, straight_policy[name]), name
     # a changed setting is not silently ignored: RLlib would resume with the checkpoint's
     changed = cfg(6, curriculum=([4, 6],))
     with pytest.raises(ConfigError, match=r"train.curriculum=\[\[4, 1\], \[8, 5\]\] \(the config "
