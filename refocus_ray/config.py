@@ -31,12 +31,49 @@ class DataConfig:
     table: str | None = None  # path to a Parquet/JSONL/CSV table when kind == "table"
     videos: int = 280  # evidence benchmark: total videos over train/val/test
     seed: int = 0
+    # evidence benchmark, optional narrowing (None: the embedded benchmark's values, see
+    # `evidence.EvidenceConfig`): only these question families; video length range (s);
+    # each inserted segment's share of the timeline; train/val/test shares of the videos
+    families: list[str] | None = None
+    duration_s: list[float] | None = None
+    segment_fraction: list[float] | None = None
+    split_fractions: list[float] | None = None
 
     def check(self, key: str) -> None:
+        from refocus_ray.evidence import FAMILIES
+
         _one_of(f"{key}.kind", self.kind, ("evidence", "table"))
         if self.kind == "table" and not self.table:
             raise ConfigError(f"{key}.table: required when {key}.kind is 'table'")
         _positive(f"{key}.videos", self.videos)
+        if self.families is not None:
+            if not self.families:
+                raise ConfigError(f"{key}.families: empty; leave it out for every family")
+            for f in self.families:
+                _one_of(f"{key}.families", f, FAMILIES)
+        for name, n in (("duration_s", 2), ("segment_fraction", 2), ("split_fractions", 3)):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ConfigError(f"{key}.{name}: needs {n} numbers, got {value!r}")
+        try:
+            self.evidence_config()
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+    def evidence_config(self):  # -> evidence.EvidenceConfig
+        """The evidence benchmark this section describes."""
+        from refocus_ray.evidence import EvidenceConfig
+
+        narrow: dict[str, Any] = {}
+        if self.families is not None:
+            narrow["families"] = tuple(self.families)
+        if self.duration_s is not None:
+            narrow["min_duration_s"], narrow["max_duration_s"] = map(float, self.duration_s)
+        if self.segment_fraction is not None:
+            narrow["segment_fraction"] = tuple(map(float, self.segment_fraction))
+        if self.split_fractions is not None:
+            narrow["split_fractions"] = tuple(map(float, self.split_fractions))
+        return EvidenceConfig(videos=self.videos, seed=self.seed, **narrow)
 
 
 @dataclass

@@ -154,6 +154,7 @@ class EvidenceConfig:
     crop: tuple[float, float] = (0.7, 1.0)
     crf: int = 23
     workers: int = 2
+    families: tuple[str, ...] = FAMILIES  # questions of only these families (videos unchanged)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -188,6 +189,9 @@ class EvidenceConfig:
             bad(f"min_duration_s * fps = {n:.0f} frames is too short for {need}")
         if self.workers < 1:
             bad(f"workers must be >= 1, got {self.workers}")
+        self.families = tuple(self.families)
+        if not self.families or set(self.families) - set(FAMILIES):
+            bad(f"families must be some of {list(FAMILIES)}, got {list(self.families)}")
 
     def split_counts(self) -> dict[str, int]:
         """Videos per split (largest remainder, so they sum to `videos`)."""
@@ -457,7 +461,8 @@ def plan(cfg: EvidenceConfig) -> list[VideoPlan]:
             ]
             pieces = _plan_background(rng, clips[background], split, n, cfg)
             p = VideoPlan(f"{split}_{i:04d}", split, background, n, cfg.fps, pieces, segs)
-            p.questions = _questions(p, rng, bal, count, names)
+            p.questions = [q for q in _questions(p, rng, bal, count, names)
+                           if q["family"] in cfg.families]  # after drawing: same videos
             plans.append(p)
     return plans
 

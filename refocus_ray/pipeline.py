@@ -27,7 +27,7 @@ def evidence_stage(cfg: Config) -> dict[str, Any]:
 
     if cfg.data.kind != "evidence":
         return {"table": str(cfg.table_path())}
-    ecfg = evidence.EvidenceConfig(videos=cfg.data.videos, seed=cfg.data.seed)
+    ecfg = cfg.data.evidence_config()
     out = cfg.run_path / "data"
 
     def run() -> dict[str, Any]:
@@ -37,6 +37,8 @@ def evidence_stage(cfg: Config) -> dict[str, Any]:
                 "n_videos": stats["n_videos"]}
 
     fp = {"evidence": ecfg.__dict__, "version": evidence.__dict__.get("VERSION", 1)}
+    if ecfg.families == evidence.FAMILIES:  # the default is left out: earlier runs stay cached
+        fp["evidence"] = {k: v for k, v in ecfg.__dict__.items() if k != "families"}
     return run_stage(cfg.run_path, "data", fp, run)
 
 

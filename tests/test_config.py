@@ -17,6 +17,9 @@ def test_embedded_config_loads():
     ("data: {kind: table}", "data.table: required"),
     ("data: {kind: hub}", "data.kind: must be one of"),
     ("colour: red", "colour: unknown key"),
+    ("data: {families: [apear]}", "data.families: must be one of"),
+    ("data: {duration_s: [30]}", "data.duration_s: needs 2 numbers"),
+    ("data: {duration_s: [2, 4]}", "data: EvidenceConfig: min_duration_s"),
 ])
 def test_errors_name_the_key(tmp_path, text, message):
     p = tmp_path / "c.yaml"

@@ -208,6 +208,17 @@ def test_config_rejects_bad_values(bad):
         EvidenceConfig(**bad)
 
 
+def test_families_narrow_the_questions_not_the_videos():
+    """`data.families` keeps the benchmark's videos and their questions of those families, so a
+    narrowed benchmark's test questions are the full benchmark's, not other ones."""
+    full = plan(EvidenceConfig(videos=30))
+    only = plan(EvidenceConfig(videos=30, families=("appear", "first")))
+    assert [(p.video_id, p.segments) for p in only] == [(p.video_id, p.segments) for p in full]
+    kept = [q for p in full for q in p.questions if q["family"] in ("appear", "first")]
+    assert [q for p in only for q in p.questions] == kept
+    assert {q["family"] for q in kept} == {"appear", "first"}
+
+
 def test_default_config_is_big_enough():
     cfg = EvidenceConfig()
     counts = cfg.split_counts()
