@@ -380,6 +380,9 @@ class TrainConfig:
     learner_resources: dict[str, float] = field(default_factory=dict)
     checkpoint_every: int = 10
     split: str = "train"
+    # export the checkpoint whose policy scores best on this split (mean accuracy over the
+    # curriculum's K), not the last one; None: the last (see train.CheckpointSelection)
+    select_split: str | None = None
     seed: int | None = None  # None: the run's seed
 
     def check(self, key: str) -> None:
@@ -405,6 +408,12 @@ class TrainConfig:
         placement.check_custom(f"{key}.learner_resources", self.learner_resources)
         if self.split not in ("train", "val", "test"):
             raise ConfigError(f"{key}.split: must be train, val or test, got {self.split!r}")
+        if self.select_split == "test":
+            raise ConfigError(f"{key}.select_split: 'test' would pick the policy on the split "
+                              f"the held-out check reports; use val")
+        if self.select_split not in (None, "train", "val"):
+            raise ConfigError(f"{key}.select_split: must be val, train or null, "
+                              f"got {self.select_split!r}")
 
 
 def check_grpo_settings(key: str, group_size: int, groups_per_batch: int, minibatch_groups: int,

@@ -52,8 +52,26 @@ def score_selections(pool_client, rows: list[dict[str, Any]], positions: list[np
     return (m > 0).astype(float), m, rec
 
 
+def selection_score(policy, rows: list[dict[str, Any]], pool_client, ks: list[int],
+                    seed: int = 0) -> dict[str, float]:
+    """Accuracy and mean margin of one temperature-1 sample of `policy` on `rows` (from
+    `heldout_questions`) at each K, and their mean accuracy as `score`: what `train` compares
+    checkpoints by when ``train.select_split`` is set."""
+    from refocus_ray.policy import example_from_pool
+
+    examples = [example_from_pool(r["pool"], r["q_emb"], r["opt_emb"]) for r in rows]
+    out: dict[str, float] = {}
+    for k in ks:
+        c, m, _ = score_selections(pool_client, rows, selectors.refocus(policy, examples, k,
+                                                                        seed=seed))
+        out[f"acc_k{k}"], out[f"margin_k{k}"] = float(c.mean()), float(m.mean())
+    out["score"] = float(np.mean([out[f"acc_k{k}"] for k in ks]))
+    return out
+
+
 def heldout(cfg: Config, policy, pool_client, k: int = 4, seeds: int = 3,
-            split: str = "test", train_seconds: float | None = None) -> dict[str, Any]:
+            split: str = "test", train_seconds: float | None = None,
+            policy_iteration: int | None = None) -> dict[str, Any]:
     """Evaluate and write `<run_dir>/train/heldout.json`; returns the record."""
     from refocus_ray.policy import example_from_pool
 
@@ -88,6 +106,7 @@ def heldout(cfg: Config, policy, pool_client, k: int = 4, seeds: int = 3,
     out[f"refocus_minus_uniform_k{k}"] = float(diff.mean())
     out[f"refocus_minus_uniform_k{k}_ci95_low"] = float(np.percentile(diff[boot].mean(1), 2.5))
     out["train_seconds"] = train_seconds
+    out["policy_iteration"] = policy_iteration  # the exported checkpoint (train.select_split)
     for key in [k_ for k_ in out if k_.startswith("_per_question")]:
         out.pop(key)
     path = Path(cfg.run_path) / "train" / "heldout.json"

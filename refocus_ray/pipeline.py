@@ -137,8 +137,10 @@ def train_stage(cfg: Config, resume: bool = False) -> dict[str, Any]:
             seconds = time.time() - t0
             out = train_dir(cfg)
             plots.training_curve(out / "metrics.jsonl", out / "training_curve.png")
+            chosen = out / "selection.json"
+            it = json.loads(chosen.read_text())["chosen"]["iteration"] if chosen.exists() else None
             res = heldout.heldout(cfg, policy.load(out / "policy"), pool, k=4, seeds=3,
-                                  train_seconds=round(seconds, 1))
+                                  train_seconds=round(seconds, 1), policy_iteration=it)
         finally:
             pool.shutdown()
         return res

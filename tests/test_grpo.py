@@ -292,6 +292,8 @@ def test_module_plans_distinct_picks_and_rescore_matches_sampler(table, run_cfg)
     ({"groups_per_batch": 6, "minibatch_groups": 4}, "train.minibatch_groups"),
     ({"options_dropout": 1.5}, "train.options_dropout"),
     ({"clip": "wide"}, "train.clip: expected"),
+    ({"select_split": "test"}, "train.select_split: 'test' would pick the policy on the split"),
+    ({"select_split": "dev"}, "train.select_split: must be val, train or null"),
 ])
 def test_train_section_names_bad_keys(section, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -425,6 +427,31 @@ def test_train_checkpoints_resumes_and_exports_the_policy(run_cfg, scorer):
                        r"now says \[\[4, 6\]\]\)"):
         train(changed, resume=True, scorer=scorer, log=lambda _: None)
     assert latest_checkpoint(cfg(4)).name == "iter_000004"  # nothing lost
+
+
+def test_select_split_exports_the_best_checkpoint_on_val(run_cfg, scorer):
+    """train.select_split scores each checkpoint's policy on val (at every curriculum K) and
+    exports the best one; the last one stays in policy_last/."""
+    from refocus_ray.policy import load
+    from refocus_ray.train import train
+
+    cfg = load_config(None, {**_overrides(run_cfg), "policy": POLICY, "train": {
+        "group_size": G, "groups_per_env_runner": 1, "groups_per_batch": 1, "lr": 3e-3,
+        "curriculum": [[4, 3], [8, 3]], "iterations": 6, "checkpoint_every": 1,
+        "select_split": "val"}})
+    run = train(cfg, scorer=scorer, log=lambda _: None) / "train"
+    rows = [json.loads(line) for line in (run / "selection.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["split"] == "val" and r["n_questions"] == 1 and set(r) >= {"acc_k4", "acc_k8"}
+               and r["score"] == (r["acc_k4"] + r["acc_k8"]) / 2 for r in rows)
+    chosen = json.loads((run / "selection.json").read_text())["chosen"]
+    assert chosen == max(rows, key=lambda r: (r["score"], r["margin_k4"] + r["margin_k8"]))
+    exported = load(run / "policy").state_dict()
+    best = load(run / "checkpoints" / f"iter_{chosen['iteration']:06d}" / "policy").state_dict()
+    assert all(torch.equal(v, best[n]) for n, v in exported.items())
+    last = load(run / "policy_last").state_dict()
+    assert all(torch.equal(v, last[n]) for n, v in load(
+        run / "checkpoints" / "iter_000006" / "policy").state_dict().items())
 
 
 def test_env_name_survives_a_ray_restart():
