@@ -52,14 +52,11 @@ def score_selections(pool_client, rows: list[dict[str, Any]], positions: list[np
     return (m > 0).astype(float), m, rec
 
 
-def selection_score(policy, rows: list[dict[str, Any]], pool_client, ks: list[int],
-                    seed: int = 0) -> dict[str, float]:
+def selection_score(policy, rows: list[dict[str, Any]], examples: list, pool_client,
+                    ks: list[int], seed: int = 0) -> dict[str, float]:
     """Accuracy and mean margin of one temperature-1 sample of `policy` on `rows` (from
-    `heldout_questions`) at each K, and their mean accuracy as `score`: what `train` compares
-    checkpoints by when ``train.select_split`` is set."""
-    from refocus_ray.policy import example_from_pool
-
-    examples = [example_from_pool(r["pool"], r["q_emb"], r["opt_emb"]) for r in rows]
+    `heldout_questions`, with their policy `examples`) at each K, and their mean accuracy as
+    `score`: what `train` compares checkpoints by when ``train.select_split`` is set."""
     out: dict[str, float] = {}
     for k in ks:
         c, m, _ = score_selections(pool_client, rows, selectors.refocus(policy, examples, k,

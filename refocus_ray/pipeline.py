@@ -36,9 +36,10 @@ def evidence_stage(cfg: Config) -> dict[str, Any]:
         return {"table": str(table), "n_questions": stats["n_questions"],
                 "n_videos": stats["n_videos"]}
 
-    fp = {"evidence": ecfg.__dict__, "version": evidence.__dict__.get("VERSION", 1)}
-    if ecfg.families == evidence.FAMILIES:  # the default is left out: earlier runs stay cached
-        fp["evidence"] = {k: v for k, v in ecfg.__dict__.items() if k != "families"}
+    # the default families are left out, so runs made before the option stay cached
+    narrowed = {k: v for k, v in ecfg.__dict__.items()
+                if k != "families" or v != evidence.FAMILIES}
+    fp = {"evidence": narrowed, "version": evidence.__dict__.get("VERSION", 1)}
     return run_stage(cfg.run_path, "data", fp, run)
 
 
