@@ -58,7 +58,11 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 def cmd_data_evidence(args: argparse.Namespace) -> int:
     from refocus_ray import evidence
 
-    cfg = evidence.EvidenceConfig(videos=args.videos, seed=args.seed)
+    try:
+        cfg = evidence.EvidenceConfig(videos=args.videos, seed=args.seed,
+                                      split_fractions=tuple(args.split_fractions))
+    except ValueError as e:
+        raise SystemExit(f"refocus data evidence: {e}") from None
     table = evidence.generate(args.out, cfg)
     print(f"wrote {table}")
     if args.stats:
@@ -233,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder (videos/ + questions.parquet)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--videos", type=int, default=280, help="total videos over all splits")
+    ev.add_argument("--split-fractions", type=float, nargs=3, default=[0.6, 0.15, 0.25],
+                    metavar=("TRAIN", "VAL", "TEST"),
+                    help="shares of the videos per split (default 0.6 0.15 0.25). Each split "
+                    "draws its videos from its own seed, so runs that keep the val and test "
+                    "counts share those videos; the embedded config: --videos 560 "
+                    "--split-fractions 0.8 0.075 0.125 (448 / 42 / 70)")
     ev.add_argument("--stats", action="store_true", help="also write and print stats.json")
     for p in (ev,):
         p.add_argument("--max-frames", type=int, default=128, help="pool size for --stats")

@@ -219,6 +219,30 @@ def test_families_narrow_the_questions_not_the_videos():
     assert {q["family"] for q in kept} == {"appear", "first"}
 
 
+def test_more_training_videos_keep_the_val_and_test_videos():
+    """The embedded config grows train only (560 videos at 0.8 / 0.075 / 0.125 has the val and
+    test videos of 280 at the default shares): results stay comparable across the two."""
+    small = plan(EvidenceConfig(videos=20))  # 12 / 3 / 5
+    big = plan(EvidenceConfig(videos=40, split_fractions=(0.8, 0.075, 0.125)))  # 32 / 3 / 5
+
+    def by_split(plans, split):
+        return [(p.video_id, p.segments, p.pieces, p.questions) for p in plans if p.split == split]
+
+    for split in ("val", "test"):
+        assert by_split(big, split) == by_split(small, split) and by_split(small, split)
+    assert by_split(big, "train")[:12] == by_split(small, "train")
+    assert len(by_split(big, "train")) == 32
+
+
+def test_cli_names_bad_split_fractions(tmp_path):
+    from refocus_ray.cli import main
+
+    with pytest.raises(SystemExit, match="split_fractions must sum to 1"):
+        main(["data", "evidence", "--out", str(tmp_path), "--videos", "10",
+              "--split-fractions", "0.5", "0.5", "0.5"])
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_default_config_is_big_enough():
     cfg = EvidenceConfig()
     counts = cfg.split_counts()
