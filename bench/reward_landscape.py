@@ -1,4 +1,4 @@
-"""What does the reference model reward? The reward per family for five kinds of frame sets.
+"""What does the reference model reward? The reward per family for six kinds of frame sets.
 
 GRPO moves the policy toward whatever frames earn more reward than the group's mean. If the
 reference model is confidently wrong when it sees an inserted object that is not the evidence
@@ -11,13 +11,15 @@ scored by the run's reference model on vLLM (the evidence column is read: analys
     evidence1     one frame of one evidence segment + 3 background frames
     evidence_all  the middle frame of every evidence segment (up to 4), background filler
     ev1+distr1    one evidence frame and one distractor frame + 2 background frames
+    all+distr1    every evidence segment (up to K - 1) and one distractor frame: does the
+                  reader still answer when it also sees an object the question is not about?
 
 It prints mean reward (tanh margin) and accuracy per family and kind. A reference model that a
 selector can learn against has distractor1 close to none and evidence_all well above both.
 
 How to run (after `make demo`, or at least its data, features and forge stages):
     .venv/bin/python bench/reward_landscape.py --config configs/embedded.yaml --json out.json
-About 2 minutes on 2 cores (vLLM start-up and 5 x ~600 scored subsets on the train split).
+About 2 minutes on 2 cores (vLLM start-up and 6 x ~600 scored subsets on the train split).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 from refocus_ray.cli import add_config_args, config_from_args
 from refocus_ray.heldout import heldout_questions, score_selections
 
-KINDS = ("none", "distractor1", "evidence1", "evidence_all", "ev1+distr1")
+KINDS = ("none", "distractor1", "evidence1", "evidence_all", "ev1+distr1", "all+distr1")
 
 
 def _frames_in(t: np.ndarray, spans: list[dict[str, float]]) -> list[np.ndarray]:
@@ -63,8 +65,10 @@ def frame_sets(rows: list[dict[str, Any]], k: int, seed: int = 0
         out["none"].append(fill([]))
         out["distractor1"].append(fill([d1]))
         out["evidence1"].append(fill([e1]))
-        out["evidence_all"].append(fill([int(x[len(x) // 2]) for x in ev][:k]))
+        middle = [int(x[len(x) // 2]) for x in ev]
+        out["evidence_all"].append(fill(middle[:k]))
         out["ev1+distr1"].append(fill([e1, d1]))
+        out["all+distr1"].append(fill(middle[: k - 1] + [d1]))
     return kept, out
 
 
