@@ -59,8 +59,8 @@ def cmd_data_evidence(args: argparse.Namespace) -> int:
     from refocus_ray import evidence
 
     try:
-        cfg = evidence.EvidenceConfig(videos=args.videos, seed=args.seed,
-                                      split_fractions=tuple(args.split_fractions))
+        shares = {"split_fractions": tuple(args.split_fractions)} if args.split_fractions else {}
+        cfg = evidence.EvidenceConfig(videos=args.videos, seed=args.seed, **shares)
     except ValueError as e:
         raise SystemExit(f"refocus data evidence: {e}") from None
     table = evidence.generate(args.out, cfg)
@@ -237,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="output folder (videos/ + questions.parquet)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--videos", type=int, default=280, help="total videos over all splits")
-    ev.add_argument("--split-fractions", type=float, nargs=3, default=[0.6, 0.15, 0.25],
-                    metavar=("TRAIN", "VAL", "TEST"),
+    ev.add_argument("--split-fractions", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                     help="shares of the videos per split (default 0.6 0.15 0.25). Each split "
                     "draws its videos from its own seed, so runs that keep the val and test "
                     "counts share those videos; the embedded config: --videos 560 "
