@@ -23,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,10 @@ class ForgeConfig:
     # every family needs (appear: the seen option; first: the smallest rank; count: how many
     # ranks; after X: rank(X) + 1); the prompt puts the frames first, so words can see them.
     word_rank_weight: float = 0.5
+    # number each shown frame in the prompt (`prompting.frame_label`, one token each): "which
+    # appears first / right after X" then compares the numbers before the matching frames
+    # instead of positions the model must infer from rotary attention alone
+    frame_labels: bool = False
     match_heads: int = 2  # layers whose first head starts as a "same word" head (see build_model)
     # how often each question family is drawn after the curriculum (missing: 1.0), e.g.
     # {"count": 2.0, "global": 0.25}: multi-segment families learn slowest, "global" fastest
@@ -307,7 +312,10 @@ def build_processor(cfg: ForgeConfig, tokenizer, splitting: int | None = None):
 
 
 def init_model(cfg: ForgeConfig, texts: Sequence[str], required: Sequence[str]):
-    """(tokenizer, processor, random-init model) for a corpus and its single-token answers."""
+    """(tokenizer, processor, random-init model) for a corpus and its single-token answers
+    (and, with ``frame_labels``, single-token frame numbers)."""
+    if cfg.frame_labels:
+        required = [*required, *(prompting.frame_label(i) for i in range(cfg.max_frames))]
     tok = train_tokenizer(texts, required, cfg.vocab_size)
     return tok, build_processor(cfg, tok), build_model(cfg, tok)
 
@@ -432,6 +440,9 @@ class _Batcher:
         self.tokens_per_frame = sum(t == self.image_id for t in self.block)
         self.tok, self.cfg, self.lut = tokenizer, cfg, pixel_lut()
         self.text_ids: dict[str, list[int]] = {}
+        label = [tokenizer.encode(prompting.frame_label(i), add_special_tokens=False)
+                 for i in range(cfg.max_frames)] if cfg.frame_labels else [[]] * cfg.max_frames
+        self.frame_ids = [ids + list(self.block) for ids in label]  # per shown frame
 
     def text(self, q: Question) -> list[int]:
         if q.qid not in self.text_ids:
@@ -443,7 +454,7 @@ class _Batcher:
         """items: (question, preprocessed frames [k, s, s, 3]) -> tensors, last positions."""
         import torch
 
-        seqs = [list(self.block) * len(fr) + self.text(q) for q, fr in items]
+        seqs = [[*chain.from_iterable(self.frame_ids[: len(fr)]), *self.text(q)] for q, fr in items]
         n, width = len(seqs), max(map(len, seqs))
         ids = torch.full((n, width), self.tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)

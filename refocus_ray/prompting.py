@@ -34,10 +34,31 @@ def _check_mode(mode: str) -> None:
         raise PromptError(f"answer mode must be one of {MODES}, got {mode!r}")
 
 
+def frame_label(i: int) -> str:
+    """The text before the i-th shown frame (0-based) when a model reads frame labels: its
+    1-based number, one token (`forge.train_tokenizer` makes it one), as InternVL's
+    ``Frame1: <image>`` numbers video frames."""
+    return f" {i + 1}"
+
+
+def frames_text(n_frames: int, image_token: str, frame_labels: bool = False) -> str:
+    """The frames' part of the prompt: one placeholder each, chronological, optionally each
+    after its `frame_label`."""
+    if not frame_labels:
+        return image_token * n_frames
+    return "".join(frame_label(i) + image_token for i in range(n_frames))
+
+
 def build_prompt(
-    question: str, options: Sequence[str], n_frames: int, mode: str, image_token: str
+    question: str,
+    options: Sequence[str],
+    n_frames: int,
+    mode: str,
+    image_token: str,
+    frame_labels: bool = False,
 ) -> str:
-    """Frames first (one placeholder each, chronological), then question, options, answer cue.
+    """Frames first (one placeholder each, chronological, numbered with `frame_labels`), then
+    question, options, answer cue.
 
     The answer is the next token after ``Answer:``: ``" " + option`` (content) or
     ``" " + letter`` (letter), see `answer_surfaces`.
@@ -49,7 +70,7 @@ def build_prompt(
         if len(options) > len(LETTERS):
             raise PromptError(f"letter mode supports at most {len(LETTERS)} options")
         opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
-    return f"{image_token * n_frames}\n{question}\n{opts}\n{ANSWER_CUE}"
+    return f"{frames_text(n_frames, image_token, frame_labels)}\n{question}\n{opts}\n{ANSWER_CUE}"
 
 
 def answer_surfaces(options: Sequence[str], mode: str) -> list[str]:

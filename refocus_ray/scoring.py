@@ -144,14 +144,15 @@ class FrameStore:
             self.seconds += time.perf_counter() - t0
 
 
-def _transform_for(model_dir: str) -> Callable[[np.ndarray], np.ndarray] | None:
-    """The forge's preprocessing for forged checkpoints; None (processor resizes) otherwise."""
+def _forged_input(model_dir: str) -> tuple[Callable[[np.ndarray], np.ndarray] | None, bool]:
+    """How a checkpoint reads frames: the forge's preprocessing (None for other checkpoints:
+    their processor resizes) and whether its prompt numbers the frames (`prompting.frame_label`)."""
     from refocus_ray.forge import CONFIG_FILE, ForgeConfig, preprocess_frames
 
     if not (Path(model_dir) / CONFIG_FILE).exists():
-        return None
+        return None, False
     fcfg = ForgeConfig.load(model_dir)
-    return lambda frames: preprocess_frames(frames, fcfg)
+    return (lambda frames: preprocess_frames(frames, fcfg)), fcfg.frame_labels
 
 
 class VLLMBackend:
@@ -165,7 +166,7 @@ class VLLMBackend:
             kw["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.scorer = VLLMScorer(cfg.model, answer_mode=cfg.answer_mode, dtype=cfg.dtype,
                                  max_model_len=cfg.max_model_len, **kw)
-        self.store = FrameStore(_transform_for(cfg.model))
+        self.store = FrameStore(_forged_input(cfg.model)[0])
         self.model_id = f"vllm:{Path(cfg.model).resolve()}"
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
@@ -190,7 +191,8 @@ class TransformersBackend:
             cfg.model, dtype=torch.float32).eval()
         self.image_token = IMAGE_PLACEHOLDER[self.model.config.model_type]
         self.mode = cfg.answer_mode
-        self.store = FrameStore(_transform_for(cfg.model))
+        transform, self.frame_labels = _forged_input(cfg.model)
+        self.store = FrameStore(transform)
         self.model_id = f"transformers:{Path(cfg.model).resolve()}"
 
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
@@ -201,7 +203,8 @@ class TransformersBackend:
         out = []
         for r in requests:
             frames = self.store.get(r.video, r.frames)
-            prompt = build_prompt(r.question, r.options, len(frames), self.mode, self.image_token)
+            prompt = build_prompt(r.question, r.options, len(frames), self.mode, self.image_token,
+                                  self.frame_labels)  # fmt: skip
             inputs = self.processor(text=prompt, images=[[Image.fromarray(f) for f in frames]],
                                     return_tensors="pt")
             ids = scored_token_ids(self.processor.tokenizer, r.options, self.mode)
@@ -230,7 +233,8 @@ class OpenAIBackend:
         self.mode = cfg.answer_mode
         self.timeout_s = timeout_s
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)  # scored ids, prompt check
-        self.store = FrameStore(_transform_for(cfg.model))
+        transform, self.frame_labels = _forged_input(cfg.model)
+        self.store = FrameStore(transform)
         served = [m["id"] for m in self._call("GET", self.url + "/models")["data"]]
         if cfg.model not in served and len(served) != 1:
             raise ConfigError(f"reference.model: {cfg.model!r} is not served at {self.url} "
@@ -277,10 +281,12 @@ class OpenAIBackend:
 
         from PIL import Image
 
-        from refocus_ray.prompting import build_prompt
+        from refocus_ray.prompting import build_prompt, frame_label
 
         parts: list[dict[str, Any]] = []
-        for f in frames:
+        for i, f in enumerate(frames):
+            if self.frame_labels:  # the text before each image, as in the vllm backend's prompt
+                parts.append({"type": "text", "text": frame_label(i)})
             buf = io.BytesIO()
             Image.fromarray(f).save(buf, format="PNG")  # lossless: the same pixels arrive
             url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -101,7 +101,9 @@ class VLLMScorer:
         return engine_images(frames, self.forge_cfg)
 
     def prompt(self, n_frames: int, question: str, options: Sequence[str]) -> str:
-        return prompting.build_prompt(question, options, n_frames, self.mode, self.image_token)
+        labels = bool(self.forge_cfg and self.forge_cfg.frame_labels)
+        return prompting.build_prompt(question, options, n_frames, self.mode, self.image_token,
+                                      labels)  # fmt: skip
 
     def score(self, requests: Sequence[Request]) -> list[list[float]]:
         """z per request (list of floats, one per option), all requests in one engine batch."""

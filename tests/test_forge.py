@@ -31,8 +31,9 @@ def _frames(k: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny untrained forged checkpoint: (dir, cfg, tokenizer, processor, model)."""
-    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1)
+    """A tiny untrained forged checkpoint that numbers its frames, as the embedded reference
+    does: (dir, cfg, tokenizer, processor, model)."""
+    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, frame_labels=True)
     texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, m, "") for m in prompting.MODES]
     required = sorted({s for m in prompting.MODES for s in prompting.answer_surfaces(OPTIONS, m)})
     tok, proc, model = forge.init_model(cfg, texts, required)
@@ -90,25 +91,50 @@ def test_every_answer_word_is_one_token(tiny):
         assert len(set(ids)) == len(OPTIONS)
 
 
-def test_training_and_scoring_feed_identical_pixels_and_tokens(tiny):
+@pytest.mark.parametrize("labels", [True, False], ids=["frame-labels", "no-labels"])
+def test_training_and_scoring_feed_identical_pixels_and_tokens(tiny, labels):
     """What training feeds the model == what the vLLM path's HF processor produces."""
+    import dataclasses
+
     from transformers import AutoProcessor
 
     from refocus_ray.vllm_scoring import IMAGE_PLACEHOLDER, engine_images
 
     ckpt, cfg, tok, proc, _ = tiny
+    cfg = dataclasses.replace(cfg, frame_labels=labels)
     native = _frames(5)
     q = forge.Question("q0", "v0", "appear", QUESTION, OPTIONS, 1, [])
     ids, _, pix, _ = forge._Batcher(tok, proc, cfg)([(q, forge.preprocess_frames(native, cfg))])
 
     loaded = AutoProcessor.from_pretrained(ckpt)  # what vLLM builds from the checkpoint
     prompt = prompting.build_prompt(QUESTION, OPTIONS, 5, cfg.answer_mode,
-                                    IMAGE_PLACEHOLDER["idefics3"])  # fmt: skip
+                                    IMAGE_PLACEHOLDER["idefics3"], labels)  # fmt: skip
     enc = loaded(text=prompt, images=engine_images(native, forge.ForgeConfig.load(ckpt)),
                  return_tensors="pt")  # fmt: skip
     assert enc["pixel_values"].shape == (1, 5, 3, cfg.frame_size, cfg.frame_size)
     assert torch.equal(enc["pixel_values"], pix)
     assert enc["input_ids"][0].tolist() == ids[0].tolist()
+    numbers = [tok.encode(prompting.frame_label(i), add_special_tokens=False) for i in range(5)]
+    if labels:  # each frame number is one token, right before its frame's image block
+        assert all(len(n) == 1 for n in numbers)
+        starts = np.flatnonzero(ids[0].numpy() == tok.convert_tokens_to_ids("<global-img>"))
+        assert [int(ids[0, j - 2]) for j in starts] == [n[0] for n in numbers]  # " 1", <fake>
+
+
+def test_transformers_backend_numbers_frames_like_vllm(tiny, forged_engine, clip_dir):
+    """The `transformers` backend reads the checkpoint's frame_labels and scores what vLLM
+    scores (a prompt without the numbers would be another prompt: scores would differ)."""
+    from refocus_ray.scoring import ReferenceConfig, ScoreRequest, TransformersBackend
+
+    backend = TransformersBackend(ReferenceConfig(backend="transformers", model=str(tiny[0]),
+                                                  answer_mode="content"))  # fmt: skip
+    assert backend.frame_labels
+    reqs = [ScoreRequest(str(clip_dir / "mid.mp4"), f, QUESTION, tuple(OPTIONS))
+            for f in [(3,), (10, 200, 700), tuple(range(0, 800, 100))]]  # fmt: skip
+    z_hf = np.array(backend.score(reqs))
+    z_vllm = np.array(forged_engine.score(
+        [(backend.store.get(r.video, r.frames), r.question, r.options) for r in reqs]))
+    assert np.abs(z_hf - z_vllm).max() < TOL, (z_hf, z_vllm)
 
 
 def test_preprocess_is_idempotent_and_validates(tiny):
