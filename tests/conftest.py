@@ -120,6 +120,26 @@ def run_cfg(tmp_path_factory, clip_dir):
     return cfg
 
 
+FORGED_QUESTION = "Which of these objects appears in the video?"
+FORGED_OPTIONS = ["cat", "coffee", "rocket", "motorcycle"]
+
+
+@pytest.fixture(scope="session")
+def forged_tiny(tmp_path_factory):
+    """A tiny untrained forged checkpoint (content mode) that numbers its frames, as the
+    embedded reference does: (dir, cfg, tokenizer, processor, model)."""
+    from refocus_ray import forge, prompting
+
+    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, frame_labels=True)
+    texts = [prompting.build_prompt(FORGED_QUESTION, FORGED_OPTIONS, 0, m, "")
+             for m in prompting.MODES]  # fmt: skip
+    required = sorted({s for m in prompting.MODES
+                       for s in prompting.answer_surfaces(FORGED_OPTIONS, m)})  # fmt: skip
+    tok, proc, model = forge.init_model(cfg, texts, required)
+    ckpt = forge.save_checkpoint(model.eval(), proc, cfg, tmp_path_factory.mktemp("forged") / "c")
+    return ckpt, cfg, tok, proc, model.eval()
+
+
 @pytest.fixture(scope="session")
 def plumbing_model(tmp_path_factory) -> Path:
     """A tiny random-init Idefics3 (`forge.build_random_model`): reads the frames, untrained."""

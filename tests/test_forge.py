@@ -17,28 +17,17 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVC
 
 torch = pytest.importorskip("torch")
 
+from conftest import FORGED_OPTIONS, FORGED_QUESTION
+
 from refocus_ray import forge, prompting
 
-QUESTION = "Which of these objects appears in the video?"
-OPTIONS = ["cat", "coffee", "rocket", "motorcycle"]
+QUESTION, OPTIONS = FORGED_QUESTION, FORGED_OPTIONS
 TOL = 1e-4  # fp32 vLLM vs fp32 transformers, log-prob units
 
 
 def _frames(k: int, seed: int = 0) -> np.ndarray:
     """Native-size frames (the benchmark writes 160x120): the scorer must resize them itself."""
     return np.random.default_rng(seed).integers(0, 256, (k, 120, 160, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny untrained forged checkpoint that numbers its frames, as the embedded reference
-    does: (dir, cfg, tokenizer, processor, model)."""
-    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, frame_labels=True)
-    texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, m, "") for m in prompting.MODES]
-    required = sorted({s for m in prompting.MODES for s in prompting.answer_surfaces(OPTIONS, m)})
-    tok, proc, model = forge.init_model(cfg, texts, required)
-    ckpt = forge.save_checkpoint(model.eval(), proc, cfg, tmp_path_factory.mktemp("forged") / "c")
-    return ckpt, cfg, tok, proc, model.eval()
 
 
 def test_config_validation():
@@ -70,29 +59,29 @@ def test_no_evidence_target_never_uses_the_answer():
         assert z.grad[0].argmin() == 2 and logits.grad[0].argmin() == 5
 
 
-def test_prompt_rejects_multi_token_option(tiny):
-    tok = tiny[2]
+def test_prompt_rejects_multi_token_option(forged_tiny):
+    tok = forged_tiny[2]
     with pytest.raises(prompting.PromptError, match=r"option 1 \('xylophonequartz'\).*tokens"):
         prompting.scored_token_ids(tok, ["cat", "xylophonequartz"], "content")
     assert len(prompting.scored_token_ids(tok, ["cat", "xylophonequartz"], "letter")) == 2
 
 
-def test_prompt_rejects_options_sharing_a_token(tiny):
+def test_prompt_rejects_options_sharing_a_token(forged_tiny):
     with pytest.raises(prompting.PromptError, match=r"options 0 \('cat'\) and 2 \('cat '\) share"):
-        prompting.scored_token_ids(tiny[2], ["cat", "rocket", "cat "], "content")
+        prompting.scored_token_ids(forged_tiny[2], ["cat", "rocket", "cat "], "content")
     with pytest.raises(prompting.PromptError, match="answer mode"):
         prompting.build_prompt("q", ["a", "b"], 1, "logit", "<image>")
 
 
-def test_every_answer_word_is_one_token(tiny):
-    tok = tiny[2]
+def test_every_answer_word_is_one_token(forged_tiny):
+    tok = forged_tiny[2]
     for mode in prompting.MODES:
         ids = prompting.scored_token_ids(tok, OPTIONS, mode)
         assert len(set(ids)) == len(OPTIONS)
 
 
 @pytest.mark.parametrize("labels", [True, False], ids=["frame-labels", "no-labels"])
-def test_training_and_scoring_feed_identical_pixels_and_tokens(tiny, labels):
+def test_training_and_scoring_feed_identical_pixels_and_tokens(forged_tiny, labels):
     """What training feeds the model == what the vLLM path's HF processor produces."""
     import dataclasses
 
@@ -100,7 +89,7 @@ def test_training_and_scoring_feed_identical_pixels_and_tokens(tiny, labels):
 
     from refocus_ray.vllm_scoring import IMAGE_PLACEHOLDER, engine_images
 
-    ckpt, cfg, tok, proc, _ = tiny
+    ckpt, cfg, tok, proc, _ = forged_tiny
     cfg = dataclasses.replace(cfg, frame_labels=labels)
     native = _frames(5)
     q = forge.Question("q0", "v0", "appear", QUESTION, OPTIONS, 1, [])
@@ -121,12 +110,12 @@ def test_training_and_scoring_feed_identical_pixels_and_tokens(tiny, labels):
         assert [int(ids[0, j - 2]) for j in starts] == [n[0] for n in numbers]  # " 1", <fake>
 
 
-def test_transformers_backend_numbers_frames_like_vllm(tiny, forged_engine, clip_dir):
+def test_transformers_backend_numbers_frames_like_vllm(forged_tiny, forged_engine, clip_dir):
     """The `transformers` backend reads the checkpoint's frame_labels and scores what vLLM
     scores (a prompt without the numbers would be another prompt: scores would differ)."""
     from refocus_ray.scoring import ReferenceConfig, ScoreRequest, TransformersBackend
 
-    backend = TransformersBackend(ReferenceConfig(backend="transformers", model=str(tiny[0]),
+    backend = TransformersBackend(ReferenceConfig(backend="transformers", model=str(forged_tiny[0]),
                                                   answer_mode="content"))  # fmt: skip
     assert backend.frame_labels
     reqs = [ScoreRequest(str(clip_dir / "mid.mp4"), f, QUESTION, tuple(OPTIONS))
@@ -137,8 +126,8 @@ def test_transformers_backend_numbers_frames_like_vllm(tiny, forged_engine, clip
     assert np.abs(z_hf - z_vllm).max() < TOL, (z_hf, z_vllm)
 
 
-def test_preprocess_is_idempotent_and_validates(tiny):
-    cfg = tiny[1]
+def test_preprocess_is_idempotent_and_validates(forged_tiny):
+    cfg = forged_tiny[1]
     small = forge.preprocess_frames(_frames(3), cfg)
     assert small.shape == (3, cfg.frame_size, cfg.frame_size, 3) and small.dtype == np.uint8
     assert np.array_equal(forge.preprocess_frames(small, cfg), small)
@@ -159,17 +148,17 @@ def test_sample_subset_includes_or_excludes_evidence():
 
 
 @pytest.fixture(scope="module")
-def forged_engine(tiny):
+def forged_engine(forged_tiny):
     pytest.importorskip("vllm")
     from refocus_ray.vllm_scoring import VLLMScorer
 
-    scorer = VLLMScorer(tiny[0], max_frames=8)
+    scorer = VLLMScorer(forged_tiny[0], max_frames=8)
     yield scorer
     scorer.close()
 
 
-def test_vllm_scores_equal_transformers_fp32(tiny, forged_engine):
-    _, cfg, tok, proc, model = tiny
+def test_vllm_scores_equal_transformers_fp32(forged_tiny, forged_engine):
+    _, cfg, tok, proc, model = forged_tiny
     reqs = [(_frames(k, seed=k), QUESTION, OPTIONS) for k in (1, 4, 8)]
     z_vllm = np.array(forged_engine.score(reqs))
     ids = prompting.scored_token_ids(tok, OPTIONS, cfg.answer_mode)
@@ -204,9 +193,9 @@ def test_random_cluster_model_scores_in_letter_mode(tmp_path):
         forge.build_random_model("qwen2_5_vl", tmp_path / "q")
 
 
-def test_word_ranks_label_each_object_word_by_first_appearance(tiny):
+def test_word_ranks_label_each_object_word_by_first_appearance(forged_tiny):
     """Options and listed objects predict when they are first seen ("one", ...) or "none"."""
-    tok = tiny[2]
+    tok = forged_tiny[2]
     words = ["cat", "coffee", "rocket", "motorcycle"]
     word_of = {prompting.scored_token_ids(tok, [w], "content")[0]: w for w in words}
     rank_tok = [100 + r for r in range(len(forge.RANK_WORDS))]  # stand-in ids for the ranks

@@ -4,6 +4,8 @@ The server (`python -m vllm.entrypoints.openai.api_server`, CPU, fp32) serves th
 plumbing Idefics3 (letter mode, SmolVLM-style tiling, frames at native size); the same requests
 on real clips go through it and through the in-process `vllm` backend. Both run vLLM in fp32 on
 the same prompt, pixels (PNG is lossless) and token ids, so option log-probs agree to `TOL`.
+A second server serves a tiny forged checkpoint that numbers its frames, as the embedded
+reference does, checked against the `transformers` backend.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +59,14 @@ def wait_healthy(url: str, proc: subprocess.Popen, log, timeout_s: float) -> Non
                 f"{timeout_s:.0f} s; log tail:\n{tail}")
 
 
-@pytest.fixture(scope="module")
-def server(plumbing_model, tmp_path_factory):
-    """A real OpenAI-compatible vLLM server on a free port; killed with its engine process
-    (its own process group) however the tests end."""
+@contextmanager
+def _serve(model: str, tmp_path_factory):
+    """A real OpenAI-compatible vLLM server for `model` on a free port; killed with its engine
+    process (its own process group) however the tests end."""
     pytest.importorskip("vllm")
     port = free_port()
     log = open(tmp_path_factory.mktemp("openai") / "server.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen(server_command(str(plumbing_model), port), stdout=log,
+    proc = subprocess.Popen(server_command(model, port), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     try:
@@ -77,6 +80,13 @@ def server(plumbing_model, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(plumbing_model, tmp_path_factory):
+    """The server on the random plumbing model (letter mode, tiled frames)."""
+    with _serve(str(plumbing_model), tmp_path_factory) as url:
+        yield url
 
 
 def _requests(clip_dir):
@@ -125,3 +135,30 @@ def test_openai_backend_errors_name_the_server(server, plumbing_model, clip_dir)
     with pytest.raises(RuntimeError, match=rf"{dead}/models: no answer"):
         OpenAIBackend(ReferenceConfig(backend="openai", model=str(plumbing_model),
                                       answer_mode="letter", openai_url=dead))  # fmt: skip
+
+
+def test_openai_backend_numbers_frames_like_the_checkpoint(forged_tiny, clip_dir, tmp_path_factory):
+    """A forged checkpoint that numbers its frames (like the embedded reference) served as README
+    says: the backend sends each number as a text part before its image, and scores what the
+    in-process backends score (without the numbers it would score another prompt)."""
+    from conftest import FORGED_OPTIONS, FORGED_QUESTION
+
+    from refocus_ray.scoring import (
+        OpenAIBackend,
+        ReferenceConfig,
+        ScoreRequest,
+        TransformersBackend,
+    )
+
+    ckpt = str(forged_tiny[0])
+    reqs = [ScoreRequest(str(clip_dir / "mid.mp4"), f, FORGED_QUESTION, tuple(FORGED_OPTIONS))
+            for f in [(3,), (10, 200, 700), (1, 2, 3, 4)]]  # fmt: skip
+    local = TransformersBackend(ReferenceConfig(backend="transformers", model=ckpt,
+                                                answer_mode="content"))  # fmt: skip
+    z_local = np.array(local.score(reqs))
+    with _serve(ckpt, tmp_path_factory) as url:
+        backend = OpenAIBackend(ReferenceConfig(backend="openai", model=ckpt,
+                                                answer_mode="content", openai_url=url))  # fmt: skip
+        assert backend.frame_labels
+        z_openai = np.array(backend.score(reqs))
+    assert np.abs(z_openai - z_local).max() < TOL, (z_openai, z_local)
