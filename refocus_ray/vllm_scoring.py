@@ -68,6 +68,7 @@ class VLLMScorer:
         self.forge_cfg = ForgeConfig.load(self.model_dir) if cfg_file.exists() else None
         default_mode = self.forge_cfg.answer_mode if self.forge_cfg else "letter"
         self.mode = answer_mode or default_mode
+        self.frame_labels = bool(self.forge_cfg and self.forge_cfg.frame_labels)
         if self.mode not in prompting.MODES:
             raise prompting.PromptError(f"answer mode must be one of {prompting.MODES}")
         config = json.loads((self.model_dir / "config.json").read_text())
@@ -101,9 +102,8 @@ class VLLMScorer:
         return engine_images(frames, self.forge_cfg)
 
     def prompt(self, n_frames: int, question: str, options: Sequence[str]) -> str:
-        labels = bool(self.forge_cfg and self.forge_cfg.frame_labels)
         return prompting.build_prompt(question, options, n_frames, self.mode, self.image_token,
-                                      labels)  # fmt: skip
+                                      self.frame_labels)  # fmt: skip
 
     def score(self, requests: Sequence[Request]) -> list[list[float]]:
         """z per request (list of floats, one per option), all requests in one engine batch."""

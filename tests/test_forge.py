@@ -107,7 +107,7 @@ def test_training_and_scoring_feed_identical_pixels_and_tokens(forged_tiny, labe
     if labels:  # each frame number is one token, right before its frame's image block
         assert all(len(n) == 1 for n in numbers)
         starts = np.flatnonzero(ids[0].numpy() == tok.convert_tokens_to_ids("<global-img>"))
-        assert [int(ids[0, j - 2]) for j in starts] == [n[0] for n in numbers]  # " 1", <fake>
+        assert [int(ids[0, j - 2]) for j in starts] == [n[0] for n in numbers]  # " 1", then the block's opening token
 
 
 def test_transformers_backend_numbers_frames_like_vllm(forged_tiny, forged_engine, clip_dir):
