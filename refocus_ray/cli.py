@@ -281,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(forge.min_k..max_k), with and without the evidence), save a "
         "standard Hugging Face checkpoint that vLLM loads unchanged, and write "
         "forge_report.json: accuracy and margin on val at K = 4 and 8 with and without "
-        "evidence, per family, scored through vLLM. Cached: a second run reuses it.",
+        "evidence, and with the evidence among as many other objects as fit (dense: what "
+        "a selector shows), per family, scored through vLLM. Cached: a second run reuses it.",
     )
     add_config_args(fo)
     fo.set_defaults(fn=cmd_forge)

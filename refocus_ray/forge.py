@@ -49,6 +49,10 @@ CHAT_TEMPLATE = (
 )
 CONFIG_FILE = "forge_config.json"  # the ForgeConfig a checkpoint was trained with
 EVAL_K = (4, 8)
+# evaluate_forge's subsets: every evidence segment shown among random frames; none shown; and
+# every evidence segment shown among as many of the video's other objects as fit, one frame
+# each (the object-dense subsets a selector shows, where the forged readers fail first)
+CONDITIONS = {"with": "with_evidence", "without": "without_evidence", "dense": "dense"}
 TRAIN_VIDEOS = ("all", "half0", "half1")
 NO_EVIDENCE_TARGETS = ("uniform", "first_option")
 RANK_WORDS = ("none", "one", "two", "three", "four", "five", "six", "seven", "eight")
@@ -347,6 +351,7 @@ class Question:
     options: list[str]
     answer: int
     evidence: list[np.ndarray]  # per evidence segment: pool positions inside it
+    others: list[np.ndarray] = field(default_factory=list)  # the same, per distractor segment
 
 
 def _evidence_positions(times: np.ndarray, spans: Sequence[dict[str, float]]) -> list[np.ndarray]:
@@ -395,11 +400,11 @@ def train_rows(table_path: str | Path, which: str = "all") -> list[dict[str, Any
 
 
 def _questions(rows, pools) -> list[Question]:
-    return [
-        Question(r["question_id"], r["video_id"], r["family"], r["question"], r["options"],
-                 r["answer"], _evidence_positions(pools[r["video_id"]][1], r["evidence"]))
-        for r in rows
-    ]  # fmt: skip
+    def pos(r, key):
+        return _evidence_positions(pools[r["video_id"]][1], r.get(key) or [])
+
+    return [Question(r["question_id"], r["video_id"], r["family"], r["question"], r["options"],
+                     r["answer"], pos(r, "evidence"), pos(r, "distractors")) for r in rows]
 
 
 def sample_subset(
@@ -413,6 +418,17 @@ def sample_subset(
     if with_evidence:
         return _subset(rng, n_pool, evidence, [], k)
     return _subset(rng, n_pool, [], evidence, k)
+
+
+def dense_subset(
+    rng: np.random.Generator, n_pool: int, evidence: list[np.ndarray], others: list[np.ndarray],
+    k: int,
+) -> np.ndarray | None:
+    """Like `sample_subset` with evidence, and one frame of as many `others` (the video's other
+    objects) as fit: the object-dense subsets a selector shows. None when impossible."""
+    order = [others[i] for i in rng.permutation(len(others)) if len(others[i])]
+    room = max(0, k - len(evidence))
+    return _subset(rng, n_pool, [*evidence, *order[:room]], [], k)
 
 
 def _subset(rng, n_pool: int, include: list[np.ndarray], exclude: list[np.ndarray], k: int):
@@ -743,15 +759,17 @@ def evaluate_forge(
         raise ValueError(f"{table_path}: no {split} rows to evaluate")
     pools = load_pools(table_path, rows, cache_dir(ckpt.parent, cfg), cfg)
     qs = _questions(rows, pools)
-    rng = np.random.default_rng([cfg.seed, 1])
-    jobs = []  # (question, k, with_evidence, positions)
+    rng, rng_dense = np.random.default_rng([cfg.seed, 1]), np.random.default_rng([cfg.seed, 2])
+    jobs = []  # (question, k, condition, positions)
     for q in qs:
+        n = len(pools[q.video_id][0])
         for k in EVAL_K:
-            for with_ev in (True, False) if q.family != "global" else (True,):
+            for cond in CONDITIONS if q.family != "global" else ("with", "dense"):
                 for _ in range(cfg.eval_subsets):
-                    pos = sample_subset(rng, len(pools[q.video_id][0]), q.evidence, k, with_ev)
+                    pos = (dense_subset(rng_dense, n, q.evidence, q.others, k) if cond == "dense"
+                           else sample_subset(rng, n, q.evidence, k, cond == "with"))
                     if pos is not None:
-                        jobs.append((q, k, with_ev, pos))
+                        jobs.append((q, k, cond, pos))
     own = scorer is None
     scorer = scorer or VLLMScorer(ckpt, max_frames=max(EVAL_K))
     t0 = time.time()
@@ -762,36 +780,32 @@ def evaluate_forge(
             scorer.close()
     score_s = time.time() - t0
 
-    groups: dict[tuple[str, int, bool], list] = defaultdict(list)
-    for (q, k, with_ev, _), s in zip(jobs, z):
-        groups[(q.family, k, with_ev)].append((s, q.answer))
+    groups: dict[tuple[str, int, str], list] = defaultdict(list)
+    for (q, k, cond, _), s in zip(jobs, z):
+        groups[(q.family, k, cond)].append((s, q.answer))
     by_fam: dict[str, list[Question]] = defaultdict(list)
     for q in qs:
         by_fam[q.family].append(q)
     per_family = []
     for fam in sorted(by_fam):
         for k in EVAL_K:
-            aw, mw = _summary(groups[(fam, k, True)])
-            an, mn = _summary(groups[(fam, k, False)])
-            per_family.append({
-                "family": fam, "k": k, "acc_with_evidence": aw, "acc_without_evidence": an,
-                "chance": round(_chance(by_fam[fam], cfg.answer_mode), 4),
-                "margin_with_evidence": mw, "margin_without_evidence": mn,
-                "n_with": len(groups[(fam, k, True)]), "n_without": len(groups[(fam, k, False)]),
-                "max_segments": max(len(q.evidence) for q in by_fam[fam]),
-            })  # fmt: skip
-    w = [g for key, g in groups.items() if key[2]]
-    n = [g for key, g in groups.items() if not key[2]]
-    aw, mw = _summary([x for g in w for x in g])
-    an, mn = _summary([x for g in n for x in g])
+            row: dict[str, Any] = {"family": fam, "k": k}
+            for cond, name in CONDITIONS.items():
+                row[f"acc_{name}"], row[f"margin_{name}"] = _summary(groups[(fam, k, cond)])
+                row[f"n_{cond}"] = len(groups[(fam, k, cond)])
+            row["chance"] = round(_chance(by_fam[fam], cfg.answer_mode), 4)
+            row["max_segments"] = max(len(q.evidence) for q in by_fam[fam])
+            per_family.append(row)
+    overall: dict[str, Any] = {}
+    for cond, name in CONDITIONS.items():
+        cell = [x for key, g in groups.items() if key[2] == cond for x in g]
+        overall[f"acc_{name}"], overall[f"margin_{name}"] = _summary(cell)
     n_wo = sum(f["n_without"] for f in per_family)
     chance = sum(f["chance"] * f["n_without"] for f in per_family) / max(1, n_wo)
     log = ckpt.parent / "train_log.json"
     report = {
-        "split": split, "answer_mode": cfg.answer_mode, "k": list(EVAL_K),
-        "acc_with_evidence": aw, "acc_without_evidence": an,
+        "split": split, "answer_mode": cfg.answer_mode, "k": list(EVAL_K), **overall,
         "chance": round(chance, 4),  # per-family chance weighted by n_without
-        "margin_with_evidence": mw, "margin_without_evidence": mn,
         "train_seconds": json.loads(log.read_text())["train_seconds"] if log.exists() else None,
         "score_seconds": round(score_s, 1), "prompts": len(jobs),
         "per_family": per_family,

@@ -147,6 +147,19 @@ def test_sample_subset_includes_or_excludes_evidence():
     assert forge.sample_subset(rng, 100, ev, 1, True) is None  # 2 segments do not fit in K=1
 
 
+def test_dense_subset_shows_evidence_among_other_objects():
+    """The forge report's object-dense condition: every evidence segment, then one frame of as
+    many other objects as fit."""
+    rng = np.random.default_rng(0)
+    ev, others = [np.arange(10, 13), np.arange(50, 52)], [np.arange(20, 22), np.arange(70, 75)]
+    for k, n_others in [(2, 0), (3, 1), (4, 2), (8, 2)]:
+        pos = forge.dense_subset(rng, 100, ev, others, k)
+        assert len(pos) == k and np.all(np.diff(pos) > 0)
+        assert all(np.isin(e, pos).any() for e in ev)
+        assert sum(np.isin(o, pos).any() for o in others) >= n_others
+    assert forge.dense_subset(rng, 100, ev, others, 1) is None
+
+
 @pytest.fixture(scope="module")
 def forged_engine(forged_tiny):
     pytest.importorskip("vllm")
