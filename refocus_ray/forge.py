@@ -112,6 +112,12 @@ class ForgeConfig:
     # every family needs (appear: the seen option; first: the smallest rank; count: how many
     # ranks; after X: rank(X) + 1); the prompt puts the frames first, so words can see them.
     word_rank_weight: float = 0.5
+    # auxiliary loss weight: the closing token of each shown frame's image block, halfway
+    # through the text model, predicts how many distinct objects the frames have shown so far
+    # (for an object frame: its object's rank of first appearance). A running count at every
+    # frame, which the object words then only need to copy: among four object frames the
+    # words' ranks were 51% right without it (85% among background frames)
+    frame_rank_weight: float = 0.0
     # number each shown frame in the prompt (`prompting.frame_label`, one token each): "which
     # appears first / right after X" then compares the numbers before the matching frames
     # instead of positions the model must infer from rotary attention alone
@@ -160,8 +166,8 @@ class ForgeConfig:
                 f"got {self.no_evidence_target!r}")
         if self.train_videos not in TRAIN_VIDEOS:
             bad(f"train_videos must be one of {TRAIN_VIDEOS}, got {self.train_videos!r}")
-        if self.frame_label_weight < 0 or self.word_rank_weight < 0:
-            bad("frame_label_weight and word_rank_weight must be >= 0")
+        if min(self.frame_label_weight, self.word_rank_weight, self.frame_rank_weight) < 0:
+            bad("frame_label_weight, word_rank_weight and frame_rank_weight must be >= 0")
         if any(w < 0 for w in self.family_weights.values()):
             bad(f"family_weights must be >= 0, got {self.family_weights}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 64:
@@ -460,6 +466,10 @@ class _Batcher:
                  for i in range(cfg.max_frames)] if cfg.frame_labels else [[]] * cfg.max_frames
         self.frame_ids = [ids + list(self.block) for ids in label]  # per shown frame
 
+    def block_ends(self, k: int) -> np.ndarray:
+        """Sequence position of the last token of each of k shown frames' image blocks."""
+        return np.cumsum([len(f) for f in self.frame_ids[:k]]) - 1
+
     def text(self, q: Question) -> list[int]:
         if q.qid not in self.text_ids:
             prompt = prompting.build_prompt(q.question, q.options, 0, self.cfg.answer_mode, "")
@@ -539,6 +549,21 @@ def _draw(rng, tracks, families, k: int, p_ev: float, pools, clips, cfg: ForgeCo
                          ex.question, ex.options, ex.answer, [])  # fmt: skip
             labels = [o or track.background for o in track.labels[ex.positions]]
             return q, pools[track.video_id][0][ex.positions], ex.with_evidence, labels
+
+
+def _frame_ranks(frame_labels, n_ranks: int) -> tuple[list[int], list[int], list[int]]:
+    """(example, frame, rank) for every shown frame: how many distinct objects the frames up
+    to it show (an object frame: its object's rank of first appearance), capped below n_ranks."""
+    rows, frames, ranks = [], [], []
+    for i, labels in enumerate(frame_labels):
+        seen: set[str] = set()
+        for j, o in enumerate(labels):
+            if o in OBJECTS:
+                seen.add(o)
+            rows.append(i)
+            frames.append(j)
+            ranks.append(min(len(seen), n_ranks - 1))
+    return rows, frames, ranks
 
 
 def _word_ranks(ids, frame_labels, word_of: dict[int, str], rank_tok: list[int]):
@@ -645,6 +670,11 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     model.model.connector.register_forward_hook(lambda m, i, o: visual.__setitem__("tokens", o))
     word_of = {label_ids([o])[0]: o for o in OBJECTS}  # object word token -> object
     rank_tok = label_ids(list(RANK_WORDS))
+    text_model = model.model.text_model
+    if cfg.frame_rank_weight:  # frame ranks are read halfway, so later layers can use them
+        mid = text_model.layers[max(0, cfg.text_layers // 2 - 1)]
+        mid.register_forward_hook(
+            lambda m, i, o: visual.__setitem__("mid", o[0] if isinstance(o, tuple) else o))
 
     families = sorted({r["family"] for r in rows})
     first = ["appear"] if "appear" in families else families
@@ -689,6 +719,13 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
                 rank_logits, rank_t = model.lm_head(h[rows, cols]), torch.tensor(targets)
                 loss = loss + cfg.word_rank_weight * F.cross_entropy(rank_logits, rank_t)
                 aux["rank_acc"] = (rank_logits.argmax(-1) == rank_t).float().mean().item()
+        if cfg.frame_rank_weight:  # each frame block counts the distinct objects so far
+            rows, frames, ranks = _frame_ranks([labels for *_, labels in drawn], len(rank_tok))
+            cols = batcher.block_ends(k)[frames]
+            fr_logits = model.lm_head(text_model.norm(visual["mid"][rows, cols]))
+            fr_t = torch.tensor([rank_tok[r] for r in ranks])
+            loss = loss + cfg.frame_rank_weight * F.cross_entropy(fr_logits, fr_t)
+            aux["frame_rank_acc"] = (fr_logits.argmax(-1) == fr_t).float().mean().item()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_at(step)
         opt.zero_grad(set_to_none=True)

@@ -221,6 +221,23 @@ def test_word_ranks_label_each_object_word_by_first_appearance(forged_tiny):
     assert rows == [0] * 4 and by_word == {"cat": 2, "coffee": 0, "rocket": 1, "motorcycle": 0}
 
 
+def test_frame_ranks_count_distinct_objects_at_each_block_end(forged_tiny):
+    """Each shown frame's target: how many distinct objects the frames up to it show (an
+    object frame: its object's rank of first appearance), read at its image block's last
+    token, so its visual token stays its own object's word."""
+    _, cfg, tok, proc, _ = forged_tiny
+    frames = ["bikes", "rocket", "rocket", "cat", "bikes", "rocket", "moon"]
+    rows, idx, ranks = forge._frame_ranks([["bikes"], frames], n_ranks=3)
+    assert rows == [0] + [1] * 7 and idx == [0, *range(7)]
+    assert ranks == [0, 0, 1, 1, 2, 2, 2, 2]  # moon is the third object: capped at n_ranks - 1
+    q = forge.Question("q0", "v0", "appear", QUESTION, OPTIONS, 1, [])
+    batcher = forge._Batcher(tok, proc, cfg)
+    ids = batcher([(q, forge.preprocess_frames(_frames(len(frames)), cfg))])[0][0].numpy()
+    ends = batcher.block_ends(len(frames))
+    assert (ids[ends] == tok.convert_tokens_to_ids("<fake_token_around_image>")).all()
+    assert (ids[ends - 1] == batcher.image_id).all()  # right after each frame's visual token
+
+
 def test_match_heads_start_as_same_word_lookups():
     cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, match_heads=1)
     texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, "content", "")]
