@@ -176,7 +176,10 @@ def test_forge_reference_job(head, run):
     _submit(head, "forge_reference", "--config", str(cfg))
     assert (rd / "forge" / "checkpoint" / "config.json").exists()
     report = json.loads((rd / "forge" / "forge_report.json").read_text())
-    assert report  # scored through vLLM on the val split
+    assert report["split"] == "val" and report["prompts"] > 0  # scored through vLLM
+    conditions = ("acc_with_evidence", "acc_without_evidence", "acc_dense")
+    assert all(report[c] is not None for c in conditions)
+    assert sum(row["n_dense"] for row in report["per_family"]) > 0
 
 
 def test_filter_job(head, run):
