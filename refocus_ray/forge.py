@@ -406,11 +406,14 @@ def train_rows(table_path: str | Path, which: str = "all") -> list[dict[str, Any
 
 
 def _questions(rows, pools) -> list[Question]:
-    def pos(r, key):
-        return _evidence_positions(pools[r["video_id"]][1], r.get(key) or [])
+    def pos(r, spans):
+        return _evidence_positions(pools[r["video_id"]][1], spans)
 
+    # evidence is required (a table without it cannot be scored with and without evidence);
+    # distractors are optional and only feed the dense condition
     return [Question(r["question_id"], r["video_id"], r["family"], r["question"], r["options"],
-                     r["answer"], pos(r, "evidence"), pos(r, "distractors")) for r in rows]
+                     r["answer"], pos(r, r["evidence"]), pos(r, r.get("distractors") or []))
+            for r in rows]  # fmt: skip
 
 
 def sample_subset(
@@ -666,7 +669,9 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
             label_cache[w] = prompting.scored_token_ids(tok, [w], "content")[0]
         return [label_cache[w] for w in words]
 
-    visual: dict[str, Any] = {}  # the connector's output: visual tokens [frames, tokens, d]
+    # forward-hook taps: the connector's visual tokens [frames, tokens, d] ("tokens") and,
+    # with frame ranks, the text model's hidden states halfway ("mid")
+    visual: dict[str, Any] = {}
     model.model.connector.register_forward_hook(lambda m, i, o: visual.__setitem__("tokens", o))
     word_of = {label_ids([o])[0]: o for o in OBJECTS}  # object word token -> object
     rank_tok = label_ids(list(RANK_WORDS))
