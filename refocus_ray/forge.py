@@ -671,15 +671,18 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
 
     # forward-hook taps: the connector's visual tokens [frames, tokens, d] ("tokens") and,
     # with frame ranks, the text model's hidden states halfway ("mid")
-    visual: dict[str, Any] = {}
-    model.model.connector.register_forward_hook(lambda m, i, o: visual.__setitem__("tokens", o))
+    taps: dict[str, Any] = {}
+
+    def tap(module, name: str) -> None:
+        module.register_forward_hook(
+            lambda m, i, o: taps.__setitem__(name, o[0] if isinstance(o, tuple) else o))
+
+    text_model = model.model.text_model
+    tap(model.model.connector, "tokens")
+    if cfg.frame_rank_weight:  # frame ranks are read halfway, so later layers can use them
+        tap(text_model.layers[max(0, cfg.text_layers // 2 - 1)], "mid")
     word_of = {label_ids([o])[0]: o for o in OBJECTS}  # object word token -> object
     rank_tok = label_ids(list(RANK_WORDS))
-    text_model = model.model.text_model
-    if cfg.frame_rank_weight:  # frame ranks are read halfway, so later layers can use them
-        mid = text_model.layers[max(0, cfg.text_layers // 2 - 1)]
-        mid.register_forward_hook(
-            lambda m, i, o: visual.__setitem__("mid", o[0] if isinstance(o, tuple) else o))
 
     families = sorted({r["family"] for r in rows})
     first = ["appear"] if "appear" in families else families
@@ -714,7 +717,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         if cfg.frame_label_weight:  # each frame's visual token reads as its label word
             words = [w for _, _, _, labels in drawn for w in labels]
             label_tok = torch.tensor(label_ids(words)).repeat_interleave(batcher.tokens_per_frame)
-            frame_logits = model.lm_head(visual["tokens"].flatten(0, 1))
+            frame_logits = model.lm_head(taps["tokens"].flatten(0, 1))
             loss = loss + cfg.frame_label_weight * F.cross_entropy(frame_logits, label_tok)
             aux["frame_acc"] = (frame_logits.argmax(-1) == label_tok).float().mean().item()
         if cfg.word_rank_weight:  # each object word predicts its rank of first appearance
@@ -727,7 +730,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         if cfg.frame_rank_weight:  # each frame block counts the distinct objects so far
             rows, frames, ranks = _frame_ranks([labels for *_, labels in drawn], len(rank_tok))
             cols = batcher.block_ends(k)[frames]
-            fr_logits = model.lm_head(text_model.norm(visual["mid"][rows, cols]))
+            fr_logits = model.lm_head(text_model.norm(taps["mid"][rows, cols]))
             fr_t = torch.tensor([rank_tok[r] for r in ranks])
             loss = loss + cfg.frame_rank_weight * F.cross_entropy(fr_logits, fr_t)
             aux["frame_rank_acc"] = (fr_logits.argmax(-1) == fr_t).float().mean().item()
