@@ -106,7 +106,10 @@ def cmd_forge(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     if cfg.data.kind == "evidence" and not cfg.table_path().exists():
         pipeline.evidence_stage(cfg)
-    res = pipeline.forge_stage(cfg)
+    name = "forge_answerer" if args.answerer else "forge"
+    if args.answerer and not cfg.section(name):
+        raise SystemExit(f"{args.config}: no forge_answerer: section to forge")
+    res = pipeline.forge_stage(cfg, name)
     print(json.dumps(res, indent=2))
     return 0
 
@@ -285,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a selector shows), per family, scored through vLLM. Cached: a second run reuses it.",
     )
     add_config_args(fo)
+    fo.add_argument("--answerer", action="store_true",
+                    help="forge the second answering model instead (the forge: section with "
+                    "forge_answerer: on top, into <run_dir>/forge_answerer)")
     fo.set_defaults(fn=cmd_forge)
 
     fi = sub.add_parser(

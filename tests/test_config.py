@@ -31,3 +31,14 @@ def test_errors_name_the_key(tmp_path, text, message):
 def test_overrides_use_dotted_keys():
     cfg = load_config("configs/embedded.yaml", {"pool.max_frames": 64})
     assert cfg.pool.max_frames == 64
+
+
+def test_forge_answerer_without_its_section_is_a_clear_error(tmp_path):
+    """`forge-reference --answerer` on a config with no answering model says so, forging nothing."""
+    from refocus_ray import cli
+
+    p = tmp_path / "c.yaml"
+    p.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{kind: table, table: {tmp_path}/q.parquet}}\n")
+    with pytest.raises(SystemExit, match="no forge_answerer: section"):
+        cli.main(["forge-reference", "--answerer", "--config", str(p)])
+    assert not (tmp_path / "run").exists()
