@@ -104,11 +104,11 @@ def cmd_forge(args: argparse.Namespace) -> int:
     from refocus_ray import pipeline
 
     cfg = config_from_args(args)
+    name = "forge_answerer" if args.answerer else "forge"
+    if args.answerer and not cfg.section(name):  # before any work: nothing to forge
+        raise SystemExit(f"{args.config}: no forge_answerer: section to forge")
     if cfg.data.kind == "evidence" and not cfg.table_path().exists():
         pipeline.evidence_stage(cfg)
-    name = "forge_answerer" if args.answerer else "forge"
-    if args.answerer and not cfg.section(name):
-        raise SystemExit(f"{args.config}: no forge_answerer: section to forge")
     res = pipeline.forge_stage(cfg, name)
     print(json.dumps(res, indent=2))
     return 0
