@@ -112,6 +112,15 @@ class PolicyConfig:
     # already chosen, floored at 0), w_div learnable, starting here: the diversity half of
     # relevance-diverse, so one segment does not take every pick
     diversity_weight: float = 0.0
+    # the prior's and the diversity term's weights also depend on the question: w + W q_emb,
+    # W starting at 0. Whether a question wants its listed objects covered ("how many of
+    # these appear?") or two moments and nothing else ("right after X?") is the question's
+    # business; global weights made every `after` selection show every object of the video
+    query_weights: bool = False
+    # the score terms' weights (prior, diversity, W) are stored divided by this and used
+    # multiplied by it, so the optimizer moves them this many times faster: Adam moves every
+    # weight by ~lr per step, and at lr 1.5e-4 a weight of 10 moved by 0.02 in 450 iterations
+    score_weight_scale: float = 1.0
     # scoring, as the released code: s = (q.k) * softplus(w) / temperature [/ sqrt(d)]
     temperature: float = 1.0
     logit_scale_init: float = 1.0  # softplus(w) at init
@@ -127,7 +136,7 @@ class PolicyConfig:
         _one_of(f"{key}.backbone", self.backbone, BACKBONES)
         for name in ("frame_dim", "text_dim", "d_model", "n_layers", "n_heads", "mlp_ratio",
                      "state_size", "expand", "head_dim", "conv_kernel", "chunk_size",
-                     "temperature", "logit_scale_init", "head_gain"):
+                     "temperature", "logit_scale_init", "head_gain", "score_weight_scale"):
             _positive(f"{key}.{name}", getattr(self, name))
         if self.time_frequencies < 0:
             raise ConfigError(f"{key}.time_frequencies: must be >= 0, got {self.time_frequencies}")
@@ -138,6 +147,9 @@ class PolicyConfig:
         if self.prior_weight and not self.bridge_classes:
             raise ConfigError(f"{key}.prior_weight: needs {key}.bridge_classes > 0 (the prior "
                               f"scores frames by their bridge relevance)")
+        if self.query_weights and not (self.prior_weight and self.diversity_weight):
+            raise ConfigError(f"{key}.query_weights: needs {key}.prior_weight and "
+                              f"{key}.diversity_weight (the weights it makes depend on the question)")
         if self.backbone == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"{key}.n_heads: must divide d_model={self.d_model}, "
                               f"got {self.n_heads}")
@@ -388,6 +400,7 @@ class _Prompt:
     seq: Tensor  # [B, P, d] the packed prompt (for the no-cache path)
     valid: Tensor  # bool [B, P]
     bias: Tensor | None  # [B, F] the per-frame score prior (policy.prior_weight), or None
+    div: Tensor | None  # [B, 1] the diversity weight (policy.diversity_weight), or None
 
 
 def _pool_zscore(x: Tensor, m: Tensor) -> Tensor:
@@ -419,9 +432,10 @@ class SelectorPolicy(nn.Module):
             self.register_buffer("bridge_class_emb", torch.zeros(c, cfg.text_dim))
             self.bridge_in = nn.Linear(2, d)
         # learnable score terms (0 = absent: checkpoints without them load unchanged)
-        self.prior_w = (nn.Parameter(torch.full((3,), float(cfg.prior_weight)))
+        c = cfg.score_weight_scale
+        self.prior_w = (nn.Parameter(torch.full((3,), float(cfg.prior_weight) / c))
                         if cfg.prior_weight else None)
-        self.div_w = (nn.Parameter(torch.tensor(float(cfg.diversity_weight)))
+        self.div_w = (nn.Parameter(torch.tensor(float(cfg.diversity_weight) / c))
                       if cfg.diversity_weight else None)
         self.backbone = (TransformerBackbone(cfg) if cfg.backbone == "transformer"
                          else Mamba2Backbone(cfg))
@@ -436,6 +450,11 @@ class SelectorPolicy(nn.Module):
         # w with softplus(w) = logit_scale_init (inverse softplus)
         w0 = cfg.logit_scale_init + math.log(-math.expm1(-cfg.logit_scale_init))
         self.logit_scale = nn.Parameter(torch.tensor(float(w0)))
+        # W for policy.query_weights, made last so every other weight starts as without it
+        self.weights_q = nn.Linear(cfg.text_dim, 4) if cfg.query_weights else None
+        if self.weights_q is not None:
+            nn.init.zeros_(self.weights_q.weight)
+            nn.init.zeros_(self.weights_q.bias)
 
     # -- prompt ----------------------------------------------------------------------------
 
@@ -514,9 +533,15 @@ class SelectorPolicy(nn.Module):
             x_f = x_f + self.novelty_in(nov.to(dtype))
         if self.bridge_in is not None:
             x_f = x_f + self.bridge_in(rel.to(dtype))
-        bias = None  # w . [relevance to question, to best option, novelty]
-        if self.prior_w is not None:
-            bias = (torch.cat([rel, nov.float()], -1) * self.prior_w).sum(-1)
+        # score terms: bias = w . [relevance to question, to best option, novelty], and w_div
+        c = self.cfg.score_weight_scale
+        w_prior = None if self.prior_w is None else self.prior_w * c
+        w_div = None if self.div_w is None else self.div_w * c
+        if self.weights_q is not None:  # w + W q, per query
+            w = torch.cat([w_prior, w_div[None]]) + c * self.weights_q(batch.q_emb.float())
+            w_prior, w_div = w[:, None, :3], w[:, 3:]
+        bias = None if w_prior is None else (torch.cat([rel, nov.float()], -1) * w_prior).sum(-1)
+        div = None if w_div is None else w_div.expand(len(batch.frame_mask), 1)
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]
         B, Fp = batch.frame_mask.shape
@@ -545,8 +570,8 @@ class SelectorPolicy(nn.Module):
         if group > 1:
             r = torch.arange(B, device=h.device).repeat_interleave(group)
             return _Prompt(h_frames[r], self.backbone.select_rows(state, r), seq[r], valid[r],
-                           None if bias is None else bias[r])
-        return _Prompt(h_frames, state, seq, valid, bias)
+                           None if bias is None else bias[r], None if div is None else div[r])
+        return _Prompt(h_frames, state, seq, valid, bias, div)
 
     def _scores(self, h_t: Tensor, keys: Tensor) -> Tensor:
         """s_t(f) = (q_t . k_f) * softplus(w) / tau [/ sqrt(d)]; h_t [B, T, d] -> [B, T, F]."""
@@ -615,7 +640,7 @@ class SelectorPolicy(nn.Module):
             if bias is not None:
                 logit = logit + bias
             if unit is not None:
-                logit = logit - self.div_w * near
+                logit = logit - pr.div * near
             logp = torch.log_softmax(logit.masked_fill(blocked, float("-inf")), -1)
             if greedy:
                 c = logp.argmax(-1)
@@ -663,7 +688,7 @@ class SelectorPolicy(nn.Module):
             sims = torch.einsum("bkd,bfd->bkf", unit[rows, chosen], unit).clamp(min=0)
             near = torch.cummax(sims, 1).values  # step t sees the picks before t
             near = torch.cat([torch.zeros_like(near[:, :1]), near[:, :-1]], 1)
-            logit = logit - self.div_w * near
+            logit = logit - pr.div[:, None] * near
         onehot = torch.zeros(B, k, frame_mask.shape[1], device=logit.device)
         onehot.scatter_(2, chosen[..., None], 1.0)
         before = (onehot.cumsum(1) - onehot) > 0  # picked at an earlier step

@@ -44,7 +44,11 @@ VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
             "transformer-query-aware": ("transformer", {"query_first": True, "novelty": True,
                                                         "bridge_classes": 10}),
             "transformer-prior": ("transformer", {"bridge_classes": 10, "prior_weight": 1.0,
-                                                  "diversity_weight": 2.0})}
+                                                  "diversity_weight": 2.0}),
+            "transformer-query-weights": ("transformer", {"bridge_classes": 10,
+                                                          "prior_weight": 1.0,
+                                                          "diversity_weight": 2.0,
+                                                          "query_weights": True})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -56,6 +60,8 @@ def policy(request) -> SelectorPolicy:
         g = torch.Generator().manual_seed(4)
         p.set_bridge(torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
                      torch.randn(10, DT, generator=g))
+    if kw.get("query_weights"):  # as if trained: the weights differ from query to query
+        torch.nn.init.normal_(p.weights_q.weight, std=0.5)
     return p
 
 
@@ -362,3 +368,33 @@ def test_prior_starts_on_relevant_frames_and_diversity_spreads_the_picks():
     assert float(re.log_dist[0, 0, 7]) > -math.log(12) - 0.1  # but not before it
     with pytest.raises(ConfigError, match="prior_weight: needs policy.bridge_classes"):
         small_config("transformer", prior_weight=1.0)
+
+
+def test_query_weights_start_as_the_global_weights_and_then_depend_on_the_question():
+    """policy.query_weights: w + W q starts at W = 0 (the same policy as without), and once W
+    moves, two questions over the same frames get different prior and diversity weights."""
+    g = torch.Generator().manual_seed(4)
+    bridge = (torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
+              torch.randn(10, DT, generator=g))
+    kw = {"bridge_classes": 10, "prior_weight": 1.0, "diversity_weight": 2.0}
+    policies = []
+    for qw, scale in ((False, 1.0), (True, 1.0), (True, 100.0)):
+        torch.manual_seed(0)
+        p = SelectorPolicy(small_config("transformer", query_weights=qw,
+                                        score_weight_scale=scale, **kw))
+        p.set_bridge(*bridge)
+        policies.append(p)
+    plain, conditioned, scaled = policies
+    batch = make_batch([(12, 3), (12, 3)])
+    batch.frames[1] = batch.frames[0]  # the same frames, two questions
+    chosen = torch.tensor([[2, 7, 0], [2, 7, 0]])
+    for other in (conditioned, scaled):  # the same policy at the start
+        assert torch.allclose(plain.rescore(batch, chosen).logp, other.rescore(batch, chosen).logp)
+    # policy.score_weight_scale: stored divided by the scale, so a step moves them 100x further
+    assert float(scaled.div_w) == pytest.approx(2.0 / 100)
+    torch.nn.init.normal_(conditioned.weights_q.weight, std=0.5)
+    pr = conditioned._prompt(batch)
+    assert float((pr.div[0] - pr.div[1]).abs()) > 1e-3
+    assert float((pr.bias[0] - pr.bias[1]).abs().max()) > 1e-3
+    with pytest.raises(ConfigError, match="query_weights: needs"):
+        small_config("transformer", query_weights=True, bridge_classes=10, prior_weight=1.0)
