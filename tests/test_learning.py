@@ -10,7 +10,7 @@ To fit CI's budget (2 cores) the benchmark is narrowed to the needle task, the `
 family: one short inserted segment holds the answer, so uniform frames mostly miss it and a
 selector that learned to find inserted objects wins by a wide margin. Videos are short
 (16-32 s) with 64-frame pools, and segments are 2-5% of the timeline so each has pool frames.
-The embedded demo (every family, 128-frame pools, 600 iterations) is measured in
+The embedded demo (every family, 128-frame pools, 200 iterations) is measured in
 docs/benchmarks.md, "Training".
 """
 
