@@ -121,12 +121,6 @@ class PolicyConfig:
     # multiplied by it, so the optimizer moves them this many times faster: Adam moves every
     # weight by ~lr per step, and at lr 1.5e-4 a weight of 10 moved by 0.02 in 450 iterations
     score_weight_scale: float = 1.0
-    # > 0: the prior also gets a learned text-frame match of this rank, (A t) . (B f) for the
-    # question and for the best option (unit-norm query-encoder texts t and frame features f),
-    # A starting at 0 and moving score_weight_scale times faster like the weights above. The
-    # bridge ranks a listed object above an unlisted one only 66% of the time (half the
-    # benchmark's objects have no ImageNet class); this lets GRPO learn the matching itself
-    learned_relevance: int = 0
     # scoring, as the released code: s = (q.k) * softplus(w) / temperature [/ sqrt(d)]
     temperature: float = 1.0
     logit_scale_init: float = 1.0  # softplus(w) at init
@@ -153,12 +147,6 @@ class PolicyConfig:
         if self.prior_weight and not self.bridge_classes:
             raise ConfigError(f"{key}.prior_weight: needs {key}.bridge_classes > 0 (the prior "
                               f"scores frames by their bridge relevance)")
-        if self.learned_relevance < 0:
-            raise ConfigError(f"{key}.learned_relevance: must be >= 0, got "
-                              f"{self.learned_relevance}")
-        if self.learned_relevance and not self.prior_weight:
-            raise ConfigError(f"{key}.learned_relevance: needs {key}.prior_weight (it is a term "
-                              f"of the prior)")
         if self.query_weights and not (self.prior_weight and self.diversity_weight):
             raise ConfigError(f"{key}.query_weights: needs {key}.prior_weight and "
                               f"{key}.diversity_weight (the weights it makes depend on the question)")
@@ -415,15 +403,6 @@ class _Prompt:
     div: Tensor | None  # [B, 1] the diversity weight (policy.diversity_weight), or None
 
 
-def _best_option(x: Tensor, opt_mask: Tensor) -> Tensor:
-    """x [B, F, 1+O] (question, then options) -> [B, F]: the max over each row's real
-    options, 0 for a row without options."""
-    if not opt_mask.shape[1]:  # no row of the batch has options
-        return torch.zeros_like(x[..., 0])
-    best = x[..., 1:].masked_fill(~opt_mask[:, None, :], float("-inf")).amax(-1)
-    return torch.where(torch.isfinite(best), best, torch.zeros_like(best))
-
-
 def _pool_zscore(x: Tensor, m: Tensor) -> Tensor:
     """x [B, F, C] standardised over each pool's real frames (m [B, F, 1]); padding -> 0."""
     n = m.sum(1, keepdim=True).clamp(min=1)
@@ -476,12 +455,6 @@ class SelectorPolicy(nn.Module):
         if self.weights_q is not None:
             nn.init.zeros_(self.weights_q.weight)
             nn.init.zeros_(self.weights_q.bias)
-        # A and B for policy.learned_relevance, after W for the same reason; A = 0: no term yet
-        r = cfg.learned_relevance
-        self.match_text = nn.Linear(cfg.text_dim, r, bias=False) if r else None
-        self.match_frame = nn.Linear(cfg.frame_dim, r, bias=False) if r else None
-        if self.match_text is not None:
-            nn.init.zeros_(self.match_text.weight)
 
     # -- prompt ----------------------------------------------------------------------------
 
@@ -530,16 +503,13 @@ class SelectorPolicy(nn.Module):
         sim = torch.einsum("cd,btd->btc", e, F.normalize(texts, dim=-1))
         sim = sim - sim.mean(-1, keepdim=True)  # centred over classes
         rel = torch.einsum("bfc,btc->bft", p, sim)  # [B, F, 1+O]
-        return _pool_zscore(torch.stack([rel[..., 0], _best_option(rel, batch.opt_mask)], -1),
+        if batch.opt_mask.shape[1]:
+            rel_o = rel[..., 1:].masked_fill(~batch.opt_mask[:, None, :], float("-inf")).amax(-1)
+            rel_o = torch.where(torch.isfinite(rel_o), rel_o, torch.zeros_like(rel_o))
+        else:  # no row of the batch has options
+            rel_o = torch.zeros_like(rel[..., 0])
+        return _pool_zscore(torch.stack([rel[..., 0], rel_o], -1),
                             batch.frame_mask[..., None].float())
-
-    def _learned_relevance(self, batch: PolicyBatch) -> Tensor:
-        """[B, F]: c (A t) . (B f) for the question plus that of the best option."""
-        texts = torch.cat([batch.q_emb[:, None], batch.opt_emb], 1).float()  # [B, 1+O, Dt]
-        kt = self.match_text(F.normalize(texts, dim=-1)) * self.cfg.score_weight_scale
-        kf = self.match_frame(F.normalize(batch.frames.float(), dim=-1))  # [B, F, r]
-        m = torch.einsum("bfr,btr->bft", kf, kt)
-        return m[..., 0] + _best_option(m, batch.opt_mask)
 
     def _unit_frames(self, batch: PolicyBatch, group: int) -> Tensor | None:
         """[B * group, F, D] unit-norm frame features for the diversity term, or None."""
@@ -571,8 +541,6 @@ class SelectorPolicy(nn.Module):
             w = torch.cat([w_prior, w_div[None]]) + c * self.weights_q(batch.q_emb.float())
             w_prior, w_div = w[:, None, :3], w[:, 3:]
         bias = None if w_prior is None else (torch.cat([rel, nov.float()], -1) * w_prior).sum(-1)
-        if self.match_text is not None:
-            bias = bias + self._learned_relevance(batch)
         div = None if w_div is None else w_div.expand(len(batch.frame_mask), 1)
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]

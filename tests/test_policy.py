@@ -48,10 +48,7 @@ VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
             "transformer-query-weights": ("transformer", {"bridge_classes": 10,
                                                           "prior_weight": 1.0,
                                                           "diversity_weight": 2.0,
-                                                          "query_weights": True}),
-            "transformer-learned-relevance": ("transformer", {"bridge_classes": 10,
-                                                              "prior_weight": 1.0,
-                                                              "learned_relevance": 4})}
+                                                          "query_weights": True})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -65,8 +62,6 @@ def policy(request) -> SelectorPolicy:
                      torch.randn(10, DT, generator=g))
     if kw.get("query_weights"):  # as if trained: the weights differ from query to query
         torch.nn.init.normal_(p.weights_q.weight, std=0.5)
-    if kw.get("learned_relevance"):  # as if trained: A != 0
-        torch.nn.init.normal_(p.match_text.weight, std=0.5)
     return p
 
 
@@ -404,30 +399,3 @@ def test_query_weights_start_as_the_global_weights_and_then_depend_on_the_questi
     assert float((pr.bias[0] - pr.bias[1]).abs().max()) > 1e-3
     with pytest.raises(ConfigError, match="query_weights: needs"):
         small_config("transformer", query_weights=True, bridge_classes=10, prior_weight=1.0)
-
-
-def test_learned_relevance_starts_at_zero_and_then_ranks_frames_by_the_question():
-    """policy.learned_relevance: (A t) . (B f) with A = 0 is the same policy as without; once A
-    moves, the prior ranks the same frames differently for two questions."""
-    g = torch.Generator().manual_seed(4)
-    bridge = (torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
-              torch.randn(10, DT, generator=g))
-    policies = []
-    for rank in (0, 4):
-        torch.manual_seed(0)
-        p = SelectorPolicy(small_config("transformer", bridge_classes=10, prior_weight=1.0,
-                                        learned_relevance=rank))
-        p.set_bridge(*bridge)
-        policies.append(p)
-    plain, learned = policies
-    batch = make_batch([(12, 3), (12, 0)])
-    chosen = torch.tensor([[2, 7, 0], [2, 7, 0]])
-    assert torch.allclose(plain.rescore(batch, chosen).logp, learned.rescore(batch, chosen).logp)
-    torch.nn.init.normal_(learned.match_text.weight, std=0.5)
-    batch.frames[1], batch.t_frac[1] = batch.frames[0], batch.t_frac[0]  # same frames
-    with torch.no_grad():
-        delta = learned._prompt(batch).bias - plain._prompt(batch).bias
-    assert float(delta[0].std()) > 1e-3  # frames differ in how well they match the question
-    assert not torch.allclose(delta[0], delta[1])  # and the match depends on the question
-    with pytest.raises(ConfigError, match="learned_relevance: needs"):
-        small_config("transformer", learned_relevance=4)
