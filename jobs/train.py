@@ -9,8 +9,8 @@ How to run:
 What to expect (embedded, 2 cores, 200 iterations: 150 at K=4 then 50 at K=8, about 7-10
 minutes): train accuracy rises from about 0.4 to 0.6-0.75 within 50 iterations (see
 <run_dir>/train/training_curve.png); the checkpoint that scores best on val is exported, and
-heldout.json shows refocus about 0.58-0.61 vs uniform 0.42 at K=4 on the test split (+16 to
-+19 points over two seeds, docs/benchmarks.md "Training").
+heldout.json shows refocus about 0.58-0.62 vs uniform 0.42 at K=4 on the test split (+16 to
++20 points over three seeds, docs/benchmarks.md "Training").
 """
 
 import sys
