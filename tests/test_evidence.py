@@ -219,6 +219,19 @@ def test_families_narrow_the_questions_not_the_videos():
     assert {q["family"] for q in kept} == {"appear", "first"}
 
 
+def test_videos_without_a_question_of_the_families_are_not_rendered(tmp_path):
+    """A narrowed benchmark writes only the videos its table reads (about half the videos have
+    no `appear` question: six objects leave too few absent ones for its options)."""
+    cfg = EvidenceConfig(videos=8, min_duration_s=8.0, max_duration_s=10.0, workers=1,
+                         families=("appear",))
+    planned = plan(cfg)
+    path = generate(tmp_path, cfg, progress=False)
+    used = set(read_table(path).column("video_id").to_pylist())
+    assert used == {p.video_id for p in planned if p.questions}
+    assert 0 < len(used) < len(planned)
+    assert {f.stem for f in (tmp_path / "videos").glob("*.mp4")} == used
+
+
 def test_more_training_videos_keep_the_val_and_test_videos():
     """The embedded config grows train only (560 videos at 0.8 / 0.075 / 0.125 has the val and
     test videos of 280 at the default shares): results stay comparable across the two."""
