@@ -10,6 +10,7 @@ To fit CI's budget (2 cores) the benchmark is narrowed to the needle task, the `
 family: one short inserted segment holds the answer, so uniform frames mostly miss it and a
 selector that learned to find inserted objects wins by a wide margin. Videos are short
 (16-32 s) with 64-frame pools, and segments are 2-5% of the timeline so each has pool frames.
+Most videos go to test, so the check reads at least 150 held-out questions (171), as asked.
 The embedded demo (every family, 128-frame pools, 200 iterations) is measured in
 docs/benchmarks.md, "Training".
 """
@@ -31,9 +32,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 MIN_GAIN = 0.15  # refocus - uniform accuracy on held-out test questions, at K = 4
 RUN = {
-    "data": {"kind": "evidence", "videos": 240, "seed": 7, "families": ["appear"],
+    # 61 train / 8 val / 171 test questions; the ~half of the videos with no `appear`
+    # question are planned, not rendered
+    "data": {"kind": "evidence", "videos": 460, "seed": 7, "families": ["appear"],
              "duration_s": [16, 32], "segment_fraction": [0.02, 0.05],
-             "split_fractions": [0.45, 0.05, 0.5]},  # ~55 train / ~60 test questions
+             "split_fractions": [0.24, 0.04, 0.72]},
     "pool": {"max_frames": 64, "max_fps": 4.0, "uniform_fallback_frames": 16},
     "forge": {"steps": 600, "max_k": 8, "warm_k": 8},
     "train": {"iterations": 150, "curriculum": [[4, 150]], "checkpoint_every": 75},
@@ -70,7 +73,7 @@ def test_short_run_beats_uniform_on_heldout_questions(tmp_path):
 
     record = json.loads((cfg.run_path / "train" / "heldout.json").read_text())
     print(json.dumps(record, indent=1))
-    assert record["n_questions"] >= 50
+    assert record["n_questions"] >= 150  # the issue's floor for this check
     gain = record["refocus_minus_uniform_k4"]
     assert gain >= MIN_GAIN, (f"refocus {record['acc_refocus_k4']:.3f} vs uniform "
                               f"{record['acc_uniform_k4']:.3f}: gain {gain:.3f} < {MIN_GAIN}")
