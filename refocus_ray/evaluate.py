@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from refocus_ray import selectors
-from refocus_ray.bridge import TextImageBridge, bridge_unavailable
+from refocus_ray.bridge import TextImageBridge, bridge_source, bridge_unavailable, load_bridge
 from refocus_ray.config import Config, ConfigError, build, file_hash, stable_hash
 
 EVAL_VERSION = 1
@@ -128,7 +128,7 @@ def fingerprint(cfg: Config, checkpoint: Path, split: str | None = None,
             "checkpoint": file_hash(checkpoint / "model.safetensors"),
             "reference": cfg.section("reference"), "answerer": cfg.section("answerer"),
             "table": file_hash(cfg.table_path()), "features": cache_key(cfg),
-            "query": cfg.encoders.query,
+            "query": cfg.encoders.query, "bridge": bridge_source(cfg),
             "forge": forge.read_text() if forge.exists() else None}
 
 
@@ -370,7 +370,7 @@ def evaluate(cfg: Config, checkpoint: str | Path | None = None, split: str | Non
 
     def bridge() -> TextImageBridge:
         if not bridge_box:
-            bridge_box.append(TextImageBridge(cfg, e.imagenet_classes, out / "cache"))
+            bridge_box.append(load_bridge(cfg, e.imagenet_classes, out / "cache"))
         return bridge_box[0]
 
     methods = list(e.methods)

@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from refocus_ray.bridge import BRIDGES
 from refocus_ray.config import ConfigError, _one_of, _positive, build
 
 BACKBONES = ("transformer", "mamba2")
@@ -96,11 +97,15 @@ class PolicyConfig:
     # standardised within the pool (what the `diverse` baseline exploits, given to the policy)
     novelty: bool = False
     # > 0: frames also get their text-image bridge relevance (refocus_ray/bridge.py) to the
-    # question and to the most related option, z-scored within the pool; the frame encoder's
-    # ImageNet head and the class-name embeddings are frozen buffers of this many classes,
-    # saved with the weights (set by `set_bridge`). The paper's SigLIP features are
-    # language-aligned; EfficientNet's are not, and this restores that.
+    # question and to the most related option, z-scored within the pool; the bridge's head and
+    # class-name embeddings are frozen buffers of this many classes, saved with the weights
+    # (set by `set_bridge`). The paper's SigLIP features are language-aligned; EfficientNet's
+    # are not, and this restores that.
     bridge_classes: int = 0
+    # where the bridge comes from: "imagenet" (EfficientNet's ImageNet head, 1000 classes) or
+    # "reference" (the forged reference's frame readings, distilled: one class per object and
+    # per footage name); the training-free relevance-diverse baseline uses the same one
+    bridge: str = "imagenet"
     # != 0: each frame's score also gets a learnable per-frame prior, w . [relevance to the
     # question, to the best option, novelty] (the bridge and novelty inputs above, z-scored),
     # with every w starting at this value (needs bridge_classes). A from-scratch policy starts
@@ -140,6 +145,7 @@ class PolicyConfig:
             _positive(f"{key}.{name}", getattr(self, name))
         if self.time_frequencies < 0:
             raise ConfigError(f"{key}.time_frequencies: must be >= 0, got {self.time_frequencies}")
+        _one_of(f"{key}.bridge", self.bridge, BRIDGES)
         if self.bridge_classes < 0:
             raise ConfigError(f"{key}.bridge_classes: must be >= 0, got {self.bridge_classes}")
         if self.sof_std < 0:
