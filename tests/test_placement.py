@@ -177,8 +177,21 @@ def test_reward_actor_lands_on_the_labelled_node(tmp_path):
     assert grouped["strategy"] == "PACK" and grouped["bundles"] == [{"CPU": 1.0}]
 
 
-def test_dry_run_checks_the_policy_bridge_size():
+def test_dry_run_checks_the_policy_bridge_size(tmp_path):
     embedded = ROOT / "configs" / "embedded.yaml"
+    imagenet = {"run_dir": str(tmp_path), "policy.bridge": "imagenet"}
     with pytest.raises(ConfigError, match="policy.bridge_classes: the ImageNet bridge has 1000"):
-        describe_resources(load_config(embedded, {"policy.bridge_classes": 10}))
-    describe_resources(load_config(embedded, {"policy.bridge_classes": 1000}))
+        describe_resources(load_config(embedded, {**imagenet, "policy.bridge_classes": 10}))
+    describe_resources(load_config(embedded, {**imagenet, "policy.bridge_classes": 1000}))
+    # the reference bridge has one class per object and per footage of the benchmark's layout,
+    # checked once the layout exists (before the data stage, training checks it at start)
+    describe_resources(load_config(embedded, {"run_dir": str(tmp_path)}))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "layout.json").write_text(json.dumps({"videos": [
+        {"background": "bikes", "segments": [{"object": "cat"}, {"object": "moon"}]},
+        {"background": "carphone", "segments": [{"object": "cat"}]}]}))
+    with pytest.raises(ConfigError, match=r"policy.bridge_classes: the reference bridge "
+                                          r"\(objects \+ footage\) has 4 classes, got 18"):
+        describe_resources(load_config(embedded, {"run_dir": str(tmp_path)}))
+    describe_resources(load_config(embedded, {"run_dir": str(tmp_path),
+                                              "policy.bridge_classes": 4}))
