@@ -162,19 +162,24 @@ def reference_bridge(cfg: Config, cache_dir: Path) -> TextImageBridge:
         with np.load(cache) as z:
             return TextImageBridge(z["weight"], z["bias"], _embed_names(cfg, words, cache_dir),
                                    words)
-    x, target = _teacher_readings(cfg, ckpt, fcfg, words)
-    torch.manual_seed(cfg.seed)
-    with torch.enable_grad():
-        x = torch.from_numpy(x)
-        mu, sd = x.mean(0), x.std(0) + 1e-6
-        head = torch.nn.Linear(x.shape[1], len(words))
-        opt = torch.optim.Adam(head.parameters(), lr=DISTILL_LR)
-        xs, p = (x - mu) / sd, torch.softmax(torch.from_numpy(target), 1)
-        for _ in range(DISTILL_STEPS):
-            loss = -(p * torch.log_softmax(head(xs), 1)).sum(1).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    threads = torch.get_num_threads()  # the caller's (e.g. the learner's) layout is restored
+    torch.set_num_threads(cfg.encoders.threads)
+    try:
+        x, target = _teacher_readings(cfg, ckpt, fcfg, words)
+        torch.manual_seed(cfg.seed)
+        with torch.enable_grad():
+            x = torch.from_numpy(x)
+            mu, sd = x.mean(0), x.std(0) + 1e-6
+            head = torch.nn.Linear(x.shape[1], len(words))
+            opt = torch.optim.Adam(head.parameters(), lr=DISTILL_LR)
+            xs, p = (x - mu) / sd, torch.softmax(torch.from_numpy(target), 1)
+            for _ in range(DISTILL_STEPS):
+                loss = -(p * torch.log_softmax(head(xs), 1)).sum(1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     loss = float(loss.detach())
     w = (head.weight / sd).detach()  # W ((x - mu) / sd) + b = (W / sd) x + (b - (W / sd) mu)
     b = (head.bias - w @ mu).detach()
@@ -195,7 +200,6 @@ def _teacher_readings(cfg: Config, ckpt: Path, fcfg: Any, words: list[str]
 
     from refocus_ray import features, forge, prompting
 
-    torch.set_num_threads(cfg.encoders.threads)
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids = prompting.scored_token_ids(tok, words, "content")
     model = Idefics3ForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
