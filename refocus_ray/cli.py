@@ -395,8 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from refocus_ray.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.fn(args) or 0)
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:  # sections validated by their stage: the bad key, no traceback
+        raise SystemExit(f"config error: {e}") from None
 
 
 if __name__ == "__main__":

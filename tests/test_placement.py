@@ -177,6 +177,16 @@ def test_reward_actor_lands_on_the_labelled_node(tmp_path):
     assert grouped["strategy"] == "PACK" and grouped["bundles"] == [{"CPU": 1.0}]
 
 
+def test_a_bad_section_key_is_a_one_line_error_naming_it(tmp_path):
+    """Sections validated when their stage starts (policy, train) still fail as a config error
+    naming the key, not a traceback."""
+    embedded = ROOT / "configs" / "embedded.yaml"
+    for key, value in (("policy.bridge", "clip"), ("policy.backbone", "lstm")):
+        with pytest.raises(SystemExit, match=rf"config error: {key}: must be one of"):
+            main(["train", "--config", str(embedded), "--set", f"run_dir={tmp_path}",
+                  "--set", f"{key}={value}", "--dry-run"])
+
+
 def test_dry_run_checks_the_policy_bridge_size(tmp_path):
     embedded = ROOT / "configs" / "embedded.yaml"
     imagenet = {"run_dir": str(tmp_path), "policy.bridge": "imagenet"}
