@@ -58,8 +58,10 @@ def imagenet_class_names(path: str | None = None) -> list[str]:
 
 
 def bridge_source(cfg: Config) -> str:
-    """The run's ``policy.bridge`` (validated by PolicyConfig)."""
-    return str(cfg.section("policy").get("bridge", "imagenet"))
+    """The run's ``policy.bridge``, validated and defaulted by PolicyConfig."""
+    from refocus_ray.policy import PolicyConfig
+
+    return PolicyConfig.from_dict(cfg.section("policy")).bridge
 
 
 class TextImageBridge:
@@ -140,8 +142,6 @@ def reference_bridge(cfg: Config, cache_dir: Path) -> TextImageBridge:
     teacher's distribution (cross-entropy, standardised inputs folded back into W and b).
     Deterministic; cached by checkpoint, features and words.
     """
-    import torch
-
     from refocus_ray import features, forge
     from refocus_ray.train import reference_config
 
@@ -158,10 +158,16 @@ def reference_bridge(cfg: Config, cache_dir: Path) -> TextImageBridge:
                        "features": features.cache_key(cfg), "steps": DISTILL_STEPS,
                        "lr": DISTILL_LR, "train_videos": fcfg.train_videos})
     cache = Path(cache_dir) / f"reference-bridge-{key}.npz"
-    if cache.exists():
-        with np.load(cache) as z:
-            return TextImageBridge(z["weight"], z["bias"], _embed_names(cfg, words, cache_dir),
-                                   words)
+    if not cache.exists():
+        _distil(cfg, ckpt, fcfg, words, cache)
+    with np.load(cache) as z:
+        return TextImageBridge(z["weight"], z["bias"], _embed_names(cfg, words, cache_dir), words)
+
+
+def _distil(cfg: Config, ckpt: Path, fcfg: Any, words: list[str], cache: Path) -> None:
+    """Fit the reference bridge's head (see `reference_bridge`) and write it to `cache`."""
+    import torch
+
     threads = torch.get_num_threads()  # the caller's (e.g. the learner's) layout is restored
     torch.set_num_threads(cfg.encoders.threads)
     try:
@@ -189,7 +195,6 @@ def reference_bridge(cfg: Config, cache_dir: Path) -> TextImageBridge:
     tmp.replace(cache)  # atomic: processes that build the bridge at once never read half a file
     print(f"[bridge] reference bridge: {len(words)} words, distilled from {len(x)} frames "
           f"(cross-entropy {loss:.4f})")
-    return TextImageBridge(w.numpy(), b.numpy(), _embed_names(cfg, words, cache_dir), words)
 
 
 def _teacher_readings(cfg: Config, ckpt: Path, fcfg: Any, words: list[str]
@@ -239,11 +244,12 @@ def bridge_unavailable(cfg: Config, class_file: str | None = None) -> str | None
     """Why the run's bridge (``policy.bridge``) cannot be built (None if it can), loading no
     model."""
     from refocus_ray.encoders import EFFICIENTNET
+    from refocus_ray.forge import CONFIG_FILE
     from refocus_ray.pipeline import FORGES
 
     if bridge_source(cfg) == "reference":
         model = str(cfg.section("reference").get("model", ""))
-        if model in FORGES or (Path(model) / "forge_config.json").is_file():
+        if model in FORGES or (Path(model) / CONFIG_FILE).is_file():
             return None
         return (f"the reference bridge reads a forged reference model (reference.model: "
                 f"forge); reference.model is {model!r}")
