@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a GRPO learner (group-normalised advantages, clipped ratio, entropy bonus, no KL) "
         "updates the policy; K follows the curriculum. Writes <run_dir>/train/: checkpoints/, "
         "metrics.jsonl, training_curve.png, policy/ (safetensors + JSON) and heldout.json "
-        "(refocus vs uniform vs random at K=4 on the test split).",
+        "(refocus vs uniform vs random at K=4 on the test split). With policy.bridge: "
+        "reference it first distils the forged reference's frame readings into the policy's "
+        "text-image bridge (~30 s on 2 cores, cached in <run_dir>/features/).",
     )
     add_config_args(tr)
     tr.add_argument("--resume", action="store_true",
