@@ -732,15 +732,32 @@ def select_frames(policy: SelectorPolicy, batch_row: PolicyBatch | PolicyExample
 # ---------------------------------------------------------------------------------- export
 
 
-def save(policy: SelectorPolicy, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``policy.json`` (config + format version) to directory."""
-    from safetensors.torch import save_file
+def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose header lists its keys sorted.
 
+    safetensors writes ``__metadata__`` in hash-map order, which changes from process to
+    process: identical weights gave different files, and so a different checkpoint sha256 in
+    eval.json. Sorting the header's keys keeps its length (same compact JSON, ASCII names), so
+    the data offsets stand.
+    """
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), separators=(",", ":"), sort_keys=True)
+    if len(header) > n:  # never for ASCII names; keep safetensors' own bytes then
+        return blob
+    return blob[:8] + header.encode().ljust(n, b" ") + blob[8 + n :]
+
+
+def save(policy: SelectorPolicy, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` and ``policy.json`` (config + format version) to directory;
+    the same weights always give the same bytes."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in policy.state_dict().items()}
-    save_file(tensors, str(d / WEIGHTS_FILE), metadata={"format": FORMAT,
-                                                        "format_version": str(FORMAT_VERSION)})
+    blob = _safetensors_bytes(tensors, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    (d / WEIGHTS_FILE).write_bytes(blob)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": policy.cfg.to_dict()}
     (d / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return d

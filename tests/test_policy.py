@@ -287,6 +287,20 @@ def test_save_load_round_trip_without_pickle(policy, tmp_path, monkeypatch):
                        loaded.rescore(batch, a.chosen).log_dist)
 
 
+def test_saving_the_same_weights_gives_the_same_bytes(policy, tmp_path):
+    """eval.json records the checkpoint's sha256: equal weights must hash equal. safetensors
+    alone writes its metadata in hash-map order, which varies from call to call."""
+    blobs = {(save(policy, tmp_path / f"p{i}") / "model.safetensors").read_bytes()
+             for i in range(12)}
+    assert len(blobs) == 1
+    raw = blobs.pop()
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8 : 8 + n].startswith(b'{"__metadata__":{"format":"refocus-ray/selector-policy",'
+                                     b'"format_version":"1"}')
+    assert torch.equal(load(tmp_path / "p0").state_dict()["frame_in.0.weight"],
+                       policy.state_dict()["frame_in.0.weight"])
+
+
 def test_load_errors_name_the_problem(tmp_path, policy):
     with pytest.raises(FileNotFoundError, match="policy.json: missing"):
         load(tmp_path)
