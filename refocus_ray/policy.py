@@ -735,8 +735,8 @@ def select_frames(policy: SelectorPolicy, batch_row: PolicyBatch | PolicyExample
 def _safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes whose header lists its keys sorted.
 
-    safetensors writes ``__metadata__`` in hash-map order, which changes from process to
-    process: identical weights gave different files, and so a different checkpoint sha256 in
+    safetensors writes ``__metadata__`` in hash-map order, which changes from call to
+    call: identical weights gave different files, and so a different checkpoint sha256 in
     eval.json. Sorting the header's keys keeps its length (same compact JSON, ASCII names), so
     the data offsets stand.
     """
