@@ -99,7 +99,9 @@ class EncoderConfig:
     frame: str = "efficientnet_lite0"  # or a transformers vision model id/dir (e.g. SigLIP)
     frame_size: int = 112  # frame-encoder input (squashed to frame_size x frame_size)
     query: str = "all-minilm-l6-v2"  # or a transformers text model id/dir
-    batch_size: int = 64
+    # frames per frame-encoder forward pass (not part of any cache key: the features do not
+    # depend on it); a whole 128-frame pool at once ran 2.5x slower on CPU (bench/prepare.py)
+    batch_size: int = 16
     threads: int = 2  # torch intra-op threads of the encoder actor
 
     def check(self, key: str) -> None:

@@ -129,10 +129,10 @@ def _decode_row(row: dict[str, Any], max_frames: int, max_fps: float, size: int,
 class _EncodeFrames:
     """Ray Data actor: one frame encoder, loaded once, encoding one video's pool per call."""
 
-    def __init__(self, name: str, size: int, threads: int) -> None:
+    def __init__(self, name: str, size: int, threads: int, batch_size: int) -> None:
         from refocus_ray.encoders import FrameEncoder
 
-        self.encoder = FrameEncoder(name, size, threads)
+        self.encoder = FrameEncoder(name, size, threads, batch_size)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         frames = row.pop("frames")
@@ -190,7 +190,7 @@ def prepare_frames(
             num_cpus=0.5,
         )
         ds = ds.map(
-            _EncodeFrames, fn_constructor_args=(e.frame, e.frame_size, e.threads),
+            _EncodeFrames, fn_constructor_args=(e.frame, e.frame_size, e.threads, e.batch_size),
             compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1,
         )
         for row in ds.iter_rows():

@@ -782,7 +782,7 @@ class SelectorService:
         self.policy = load(ck).eval()
         self.checkpoint_id = file_sha256(ck / WEIGHTS_FILE)
         e = self.cfg.encoders
-        self.frame_encoder = FrameEncoder(e.frame, e.frame_size, self.scfg.threads)
+        self.frame_encoder = FrameEncoder(e.frame, e.frame_size, self.scfg.threads, e.batch_size)
         self.query_encoder = QueryEncoder(e.query, self.scfg.threads)
         pc = self.policy.cfg
         if (pc.frame_dim, pc.text_dim) != (self.frame_encoder.dim, self.query_encoder.dim):

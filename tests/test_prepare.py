@@ -68,3 +68,20 @@ def test_question_features_cached_once(prepared):
     q, opts = features.load_question_features(cfg)["q0"]
     assert q.shape == (384,) and opts.shape == (3, 384)
     assert abs(float(np.linalg.norm(q)) - 1) < 1e-4
+
+
+def test_cached_features_do_not_depend_on_the_encoder_batch(prepared, clip_dir):
+    """prepare encodes 16 frames per pass (speed); the cache key leaves the batch out, so the
+    cached pool must equal the whole pool encoded in one pass, order and a short tail included."""
+    from refocus_ray.encoders import FrameEncoder
+    from refocus_ray.video import decode_pool
+
+    cfg, _ = prepared
+    b = cfg.encoders.batch_size
+    assert b < 128 and 128 % b == 0
+    _, _, frames = decode_pool(clip_dir / "long.mp4", 128, 4.0, 64)
+    whole = FrameEncoder(size=64, batch_size=len(frames))(frames)
+    cached = features.load_pools(cfg)["long"].features  # stored as float16
+    np.testing.assert_allclose(cached, whole.astype(np.float16).astype(np.float32), atol=1e-6)
+    tail = FrameEncoder(size=64, batch_size=b)(frames[:-3])  # 125 frames: a 13-frame tail
+    np.testing.assert_allclose(tail, whole[:-3], atol=1e-5)
