@@ -100,7 +100,7 @@ class EncoderConfig:
     frame_size: int = 112  # frame-encoder input (squashed to frame_size x frame_size)
     query: str = "all-minilm-l6-v2"  # or a transformers text model id/dir
     # frames per frame-encoder forward pass (not part of any cache key: the features do not
-    # depend on it); a whole 128-frame pool at once ran 2.5x slower on CPU (bench/prepare.py)
+    # depend on it); a whole 128-frame pool at once ran 2-3x slower on CPU (bench/prepare.py)
     batch_size: int = 16
     threads: int = 2  # torch intra-op threads of the encoder actor
 
