@@ -122,6 +122,12 @@ class PolicyConfig:
     # these appear?") or two moments and nothing else ("right after X?") is the question's
     # business; global weights made every `after` selection show every object of the video
     query_weights: bool = False
+    # > 0: the four score weights also depend on the pick: w + W q + W_s q for the first this
+    # many steps (later steps share the last slot), W_s starting at 0. `after` wants its anchor
+    # and the object right after it, then nothing else (another object in view costs its
+    # reward most of the way to none, docs/benchmarks.md); one set of weights per question
+    # cannot say "objects first, then background"
+    step_weights: int = 0
     # the score terms' weights (prior, diversity, W) are stored divided by this and used
     # multiplied by it, so the optimizer moves them this many times faster: Adam moves every
     # weight by ~lr per step, and at lr 1.5e-4 a weight of 10 moved by 0.02 in 450 iterations
@@ -156,6 +162,11 @@ class PolicyConfig:
         if self.query_weights and not (self.prior_weight and self.diversity_weight):
             raise ConfigError(f"{key}.query_weights: needs {key}.prior_weight and "
                               f"{key}.diversity_weight (the weights it makes depend on the question)")
+        if self.step_weights < 0:
+            raise ConfigError(f"{key}.step_weights: must be >= 0, got {self.step_weights}")
+        if self.step_weights and not self.query_weights:
+            raise ConfigError(f"{key}.step_weights: needs {key}.query_weights (it refines the "
+                              f"per-question weights step by step)")
         if self.backbone == "transformer" and self.d_model % self.n_heads:
             raise ConfigError(f"{key}.n_heads: must divide d_model={self.d_model}, "
                               f"got {self.n_heads}")
@@ -405,8 +416,14 @@ class _Prompt:
     state: Any  # backbone cache after the prompt
     seq: Tensor  # [B, P, d] the packed prompt (for the no-cache path)
     valid: Tensor  # bool [B, P]
-    bias: Tensor | None  # [B, F] the per-frame score prior (policy.prior_weight), or None
-    div: Tensor | None  # [B, 1] the diversity weight (policy.diversity_weight), or None
+    bias: Tensor | None  # [B, S, F] the per-frame score prior (policy.prior_weight) per step slot
+    div: Tensor | None  # [B, S] the diversity weight (policy.diversity_weight) per step slot
+
+    def slot(self, t: Tensor | int) -> Tensor | int:
+        """Step t's weight slot (policy.step_weights; S = 1 without: every step shares it)."""
+        w = self.bias if self.bias is not None else self.div
+        s = 1 if w is None else w.shape[1]
+        return t.clamp(max=s - 1) if isinstance(t, Tensor) else min(t, s - 1)
 
 
 def _pool_zscore(x: Tensor, m: Tensor) -> Tensor:
@@ -461,6 +478,12 @@ class SelectorPolicy(nn.Module):
         if self.weights_q is not None:
             nn.init.zeros_(self.weights_q.weight)
             nn.init.zeros_(self.weights_q.bias)
+        # W_s for policy.step_weights, after W for the same reason
+        self.weights_step = (nn.Linear(cfg.text_dim, 4 * cfg.step_weights)
+                             if cfg.step_weights else None)
+        if self.weights_step is not None:
+            nn.init.zeros_(self.weights_step.weight)
+            nn.init.zeros_(self.weights_step.bias)
 
     # -- prompt ----------------------------------------------------------------------------
 
@@ -543,14 +566,22 @@ class SelectorPolicy(nn.Module):
         c = self.cfg.score_weight_scale
         w_prior = None if self.prior_w is None else self.prior_w * c
         w_div = None if self.div_w is None else self.div_w * c
-        if self.weights_q is not None:  # w + W q, per query
-            w = torch.cat([w_prior, w_div[None]]) + c * self.weights_q(batch.q_emb.float())
-            w_prior, w_div = w[:, None, :3], w[:, 3:]
-        bias = None if w_prior is None else (torch.cat([rel, nov.float()], -1) * w_prior).sum(-1)
-        div = None if w_div is None else w_div.expand(len(batch.frame_mask), 1)
+        B = len(batch.frame_mask)
+        if self.weights_q is not None:  # w + W q, per query; + W_s q per step slot
+            q = batch.q_emb.float()
+            w = (torch.cat([w_prior, w_div[None]]) + c * self.weights_q(q))[:, None]  # [B,1,4]
+            if self.weights_step is not None:
+                w = w + c * self.weights_step(q).view(B, self.cfg.step_weights, 4)
+            w_prior, w_div = w[..., :3], w[..., 3]
+        else:  # global weights: one slot shared by every query and step
+            w_prior = None if w_prior is None else w_prior.expand(B, 1, 3)
+            w_div = None if w_div is None else w_div.expand(B, 1)
+        bias = None if w_prior is None else torch.einsum(  # [B, S, F]
+            "bfj,bsj->bsf", torch.cat([rel, nov.float()], -1), w_prior)
+        div = w_div  # [B, S]
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]
-        B, Fp = batch.frame_mask.shape
+        Fp = batch.frame_mask.shape[1]
         q_real = torch.ones(B, 1, dtype=torch.bool, device=x_f.device)
         if self.cfg.query_first:
             tokens = torch.cat([x_q, x_o, x_f], 1)
@@ -644,9 +675,9 @@ class SelectorPolicy(nn.Module):
                 h, _ = self.backbone.prefill(seq, valid)
             logit = self._scores(h[:, -1:], keys)[:, 0]
             if bias is not None:
-                logit = logit + bias
+                logit = logit + bias[:, pr.slot(t)]
             if unit is not None:
-                logit = logit - pr.div * near
+                logit = logit - pr.div[:, pr.slot(t), None] * near
             logp = torch.log_softmax(logit.masked_fill(blocked, float("-inf")), -1)
             if greedy:
                 c = logp.argmax(-1)
@@ -688,13 +719,14 @@ class SelectorPolicy(nn.Module):
         x = torch.cat([self.sof.expand(B, 1, -1), values[rows, chosen[:, :-1]]], 1)
         h, _ = self.backbone.extend(x, pr.state)  # h_1..h_k in parallel
         logit = self._scores(h, keys)  # [B, k, F]
+        slots = pr.slot(torch.arange(k, device=keys.device))
         if pr.bias is not None:
-            logit = logit + pr.bias[:, None]
+            logit = logit + pr.bias[:, slots]
         if (unit := self._unit_frames(batch, group)) is not None:
             sims = torch.einsum("bkd,bfd->bkf", unit[rows, chosen], unit).clamp(min=0)
             near = torch.cummax(sims, 1).values  # step t sees the picks before t
             near = torch.cat([torch.zeros_like(near[:, :1]), near[:, :-1]], 1)
-            logit = logit - pr.div[:, None] * near
+            logit = logit - pr.div[:, slots, None] * near
         onehot = torch.zeros(B, k, frame_mask.shape[1], device=logit.device)
         onehot.scatter_(2, chosen[..., None], 1.0)
         before = (onehot.cumsum(1) - onehot) > 0  # picked at an earlier step

@@ -48,7 +48,12 @@ VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
             "transformer-query-weights": ("transformer", {"bridge_classes": 10,
                                                           "prior_weight": 1.0,
                                                           "diversity_weight": 2.0,
-                                                          "query_weights": True})}
+                                                          "query_weights": True}),
+            "transformer-step-weights": ("transformer", {"bridge_classes": 10,
+                                                         "prior_weight": 1.0,
+                                                         "diversity_weight": 2.0,
+                                                         "query_weights": True,
+                                                         "step_weights": 2})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -62,6 +67,8 @@ def policy(request) -> SelectorPolicy:
                      torch.randn(10, DT, generator=g))
     if kw.get("query_weights"):  # as if trained: the weights differ from query to query
         torch.nn.init.normal_(p.weights_q.weight, std=0.5)
+    if kw.get("step_weights"):  # and from step to step
+        torch.nn.init.normal_(p.weights_step.weight, std=0.5)
     return p
 
 
@@ -371,7 +378,7 @@ def test_prior_starts_on_relevant_frames_and_diversity_spreads_the_picks():
                  torch.randn(10, DT, generator=g))
     batch = make_batch([(12, 3)])
     batch.frames[0, 7] = batch.frames[0, 2]  # frame 7 duplicates frame 2
-    prior = p._prompt(batch).bias[0]
+    prior = p._prompt(batch).bias[0, 0]  # the one step slot
     first = p.sample(batch, 1, greedy=True).chosen[0, 0]
     assert int(first) == int(prior.argmax())
     assert {n for n, _ in p.named_parameters()} >= {"prior_w", "div_w"}
@@ -413,3 +420,45 @@ def test_query_weights_start_as_the_global_weights_and_then_depend_on_the_questi
     assert float((pr.bias[0] - pr.bias[1]).abs().max()) > 1e-3
     with pytest.raises(ConfigError, match="query_weights: needs"):
         small_config("transformer", query_weights=True, bridge_classes=10, prior_weight=1.0)
+
+
+def test_step_weights_start_as_the_question_weights_and_then_depend_on_the_step():
+    """policy.step_weights: W_s = 0 at the start (the same policy as without); once W_s moves,
+    one question's picks get different weights at steps 1, 2 and 3+ (slot 2 is shared by every
+    later step), and the sampler and the learner's rescore agree on them."""
+    g = torch.Generator().manual_seed(4)
+    bridge = (torch.randn(10, DF, generator=g), torch.randn(10, generator=g),
+              torch.randn(10, DT, generator=g))
+    kw = {"bridge_classes": 10, "prior_weight": 1.0, "diversity_weight": 2.0,
+          "query_weights": True}
+    policies = []
+    for sw in (0, 2):
+        torch.manual_seed(0)
+        p = SelectorPolicy(small_config("transformer", step_weights=sw, **kw))
+        p.set_bridge(*bridge)
+        policies.append(p)
+    plain, stepped = policies
+    batch = make_batch([(12, 3), (9, 2)])
+    chosen = torch.tensor([[2, 7, 0, 5], [1, 3, 8, 0]])
+    assert torch.allclose(plain.rescore(batch, chosen).logp, stepped.rescore(batch, chosen).logp)
+    torch.nn.init.normal_(stepped.weights_step.weight, std=0.5)
+    with torch.no_grad():
+        pr = stepped._prompt(batch)
+    assert pr.bias.shape == (2, 2, 12) and pr.div.shape == (2, 2)
+    assert float((pr.bias[:, 0] - pr.bias[:, 1]).abs().max()) > 1e-3
+    assert float((pr.div[:, 0] - pr.div[:, 1]).abs().max()) > 1e-3
+    assert pr.slot(0) == 0 and pr.slot(5) == 1
+    gen = torch.Generator().manual_seed(1)
+    out = stepped.sample(batch, 4, generator=gen)
+    re = stepped.rescore(batch, out.chosen)
+    assert torch.allclose(out.logp, re.logp.detach(), atol=1e-5)
+    # changing only slot 1's weights (steps 2+) leaves step 1's distribution as it was
+    before = re.log_dist[:, 0].detach()
+    with torch.no_grad():
+        stepped.weights_step.weight[4:] += 1.0
+    after = stepped.rescore(batch, out.chosen)
+    assert torch.allclose(before, after.log_dist[:, 0].detach())
+    assert not torch.allclose(re.logp[:, 1:].detach(), after.logp[:, 1:].detach())
+    with pytest.raises(ConfigError, match="step_weights: needs"):
+        small_config("transformer", step_weights=2, bridge_classes=10, prior_weight=1.0,
+                     diversity_weight=2.0)
