@@ -128,6 +128,13 @@ class PolicyConfig:
     # reward most of the way to none, docs/benchmarks.md); one set of weights per question
     # cannot say "objects first, then background"
     step_weights: int = 0
+    # the prior also scores each frame by how much more related to the options it is than
+    # every frame before it: high on the first frame of the earliest option shown, nowhere
+    # else (`_earliest`), weighted like the other prior terms (w + W q per step slot, w
+    # starting at prior_weight). "Which appears first?" wants that frame and no other option,
+    # while the reference pays for every option in view: without this term 1 of 5 training
+    # seeds learned to pick it (docs/benchmarks.md "Training", session 21)
+    earliness: bool = False
     # the score terms' weights (prior, diversity, W) are stored divided by this and used
     # multiplied by it, so the optimizer moves them this many times faster: Adam moves every
     # weight by ~lr per step, and at lr 1.5e-4 a weight of 10 moved by 0.02 in 450 iterations
@@ -164,6 +171,8 @@ class PolicyConfig:
                               f"{key}.diversity_weight (the weights it makes depend on the question)")
         if self.step_weights < 0:
             raise ConfigError(f"{key}.step_weights: must be >= 0, got {self.step_weights}")
+        if self.earliness and not self.prior_weight:
+            raise ConfigError(f"{key}.earliness: needs {key}.prior_weight (it is a prior term)")
         if self.step_weights and not self.query_weights:
             raise ConfigError(f"{key}.step_weights: needs {key}.query_weights (it refines the "
                               f"per-question weights step by step)")
@@ -484,6 +493,14 @@ class SelectorPolicy(nn.Module):
         if self.weights_step is not None:
             nn.init.zeros_(self.weights_step.weight)
             nn.init.zeros_(self.weights_step.bias)
+        # policy.earliness: its weight w_e (+ W_e q per step slot), made after the rest
+        self.earliest_w = (nn.Parameter(torch.tensor(float(cfg.prior_weight) / c))
+                           if cfg.earliness else None)
+        self.weights_earliest = (nn.Linear(cfg.text_dim, max(cfg.step_weights, 1))
+                                 if cfg.earliness and cfg.query_weights else None)
+        if self.weights_earliest is not None:
+            nn.init.zeros_(self.weights_earliest.weight)
+            nn.init.zeros_(self.weights_earliest.bias)
 
     # -- prompt ----------------------------------------------------------------------------
 
@@ -540,6 +557,20 @@ class SelectorPolicy(nn.Module):
         return _pool_zscore(torch.stack([rel[..., 0], rel_o], -1),
                             batch.frame_mask[..., None].float())
 
+    @staticmethod
+    def _earliest(rel: Tensor, m: Tensor) -> Tensor:
+        """[B, F]: relevance minus the highest (positive) relevance of any earlier frame,
+        z-scored within the pool. `rel` [B, F] is z-scored, so background sits near 0: the
+        first frame of the earliest relevant segment scores its full relevance, later frames
+        of it or of later relevant segments ~0 or less, background before it ~0, after it
+        below."""
+        r = rel.masked_fill(~m, float("-inf"))
+        before = torch.cummax(r, 1).values
+        before = torch.cat([torch.full_like(before[:, :1], float("-inf")), before[:, :-1]], 1)
+        e = r - torch.relu(before).masked_fill(~torch.isfinite(before), 0.0)
+        e = torch.where(m, e, torch.zeros_like(e))
+        return _pool_zscore(e[..., None], m[..., None].float())[..., 0]
+
     def _unit_frames(self, batch: PolicyBatch, group: int) -> Tensor | None:
         """[B * group, F, D] unit-norm frame features for the diversity term, or None."""
         if self.div_w is None:
@@ -578,6 +609,12 @@ class SelectorPolicy(nn.Module):
             w_div = None if w_div is None else w_div.expand(B, 1)
         bias = None if w_prior is None else torch.einsum(  # [B, S, F]
             "bfj,bsj->bsf", torch.cat([rel, nov.float()], -1), w_prior)
+        if self.earliest_w is not None:  # + w_e . (earliest relevance to the options)
+            w_e = self.earliest_w.expand(B, 1)
+            if self.weights_earliest is not None:
+                w_e = w_e + self.weights_earliest(batch.q_emb.float())  # [B, S]
+            w_e = c * w_e
+            bias = bias + self._earliest(rel[..., 1], batch.frame_mask)[:, None] * w_e[..., None]
         div = w_div  # [B, S]
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]

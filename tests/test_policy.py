@@ -53,7 +53,11 @@ VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
                                                          "prior_weight": 1.0,
                                                          "diversity_weight": 2.0,
                                                          "query_weights": True,
-                                                         "step_weights": 2})}
+                                                         "step_weights": 2}),
+            "transformer-earliness": ("transformer", {"bridge_classes": 10, "prior_weight": 1.0,
+                                                      "diversity_weight": 2.0,
+                                                      "query_weights": True, "step_weights": 2,
+                                                      "earliness": True})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -69,6 +73,8 @@ def policy(request) -> SelectorPolicy:
         torch.nn.init.normal_(p.weights_q.weight, std=0.5)
     if kw.get("step_weights"):  # and from step to step
         torch.nn.init.normal_(p.weights_step.weight, std=0.5)
+    if kw.get("earliness"):
+        torch.nn.init.normal_(p.weights_earliest.weight, std=0.5)
     return p
 
 
@@ -462,3 +468,23 @@ def test_step_weights_start_as_the_question_weights_and_then_depend_on_the_step(
     with pytest.raises(ConfigError, match="step_weights: needs"):
         small_config("transformer", step_weights=2, bridge_classes=10, prior_weight=1.0,
                      diversity_weight=2.0)
+
+
+def test_earliness_scores_the_first_frame_of_the_earliest_relevant_segment():
+    """policy.earliness: among frames z-scored by relevance, only the first frame of the first
+    relevant segment scores high; later frames of it, later relevant segments, and the
+    background after them do not. Its weight starts at prior_weight; it needs the prior."""
+    rel = torch.tensor([[-0.3, -0.3, 3.0, 3.0, -0.3, 2.8, 2.8, -0.3, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 8 + [False] * 2])  # two padded frames
+    e = SelectorPolicy._earliest(rel, mask)
+    others = e[0, [0, 1, 3, 4, 5, 6, 7]]
+    assert int(e[0, :8].argmax()) == 2  # the earliest relevant segment's first frame ...
+    assert e[0, 2] - others.max() > 1.5  # ... by far: later frames of it or of a later segment
+    assert e[0, 4] == e[0, 7] == others.min()  # background after a relevant frame: lowest
+    assert (e[0, 8:] == 0).all()  # padding
+    p = SelectorPolicy(small_config("transformer", bridge_classes=10, prior_weight=1.5,
+                                    diversity_weight=2.0, query_weights=True, earliness=True))
+    c = p.cfg.score_weight_scale
+    assert float(p.earliest_w) * c == pytest.approx(1.5) and not p.weights_earliest.weight.any()
+    with pytest.raises(ConfigError, match="earliness: needs"):
+        small_config("transformer", bridge_classes=10, earliness=True)
