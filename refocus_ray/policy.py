@@ -567,7 +567,7 @@ class SelectorPolicy(nn.Module):
         r = rel.masked_fill(~m, float("-inf"))
         before = torch.cummax(r, 1).values
         before = torch.cat([torch.full_like(before[:, :1], float("-inf")), before[:, :-1]], 1)
-        e = r - torch.relu(before).masked_fill(~torch.isfinite(before), 0.0)
+        e = r - torch.relu(before)  # relu(-inf) = 0: nothing before the first frame
         e = torch.where(m, e, torch.zeros_like(e))
         return _pool_zscore(e[..., None], m[..., None].float())[..., 0]
 
