@@ -135,6 +135,14 @@ class PolicyConfig:
     # while the reference pays for every option in view: without this term 1 of 5 training
     # seeds learned to pick it (docs/benchmarks.md "Training", session 21)
     earliness: bool = False
+    # and how much more related to the options a frame is than every frame between the
+    # question's anchor and it: high on the first frame of the first option shown after the
+    # anchor (`_after_anchor`; the anchor is the frame most related to the question and least
+    # to the options, with its segment). "Which object appears right after X?" wants X and
+    # that frame and no other option; the bridge alone finds that frame in every `after`
+    # question of every split, but a policy has to learn the relation (docs/benchmarks.md
+    # "Training", session 22). Weighted like `earliness`.
+    after_anchor: bool = False
     # the score terms' weights (prior, diversity, W) are stored divided by this and used
     # multiplied by it, so the optimizer moves them this many times faster: Adam moves every
     # weight by ~lr per step, and at lr 1.5e-4 a weight of 10 moved by 0.02 in 450 iterations
@@ -171,8 +179,9 @@ class PolicyConfig:
                               f"{key}.diversity_weight (the weights it makes depend on the question)")
         if self.step_weights < 0:
             raise ConfigError(f"{key}.step_weights: must be >= 0, got {self.step_weights}")
-        if self.earliness and not self.prior_weight:
-            raise ConfigError(f"{key}.earliness: needs {key}.prior_weight (it is a prior term)")
+        for name in ("earliness", "after_anchor"):
+            if getattr(self, name) and not self.prior_weight:
+                raise ConfigError(f"{key}.{name}: needs {key}.prior_weight (it is a prior term)")
         if self.step_weights and not self.query_weights:
             raise ConfigError(f"{key}.step_weights: needs {key}.query_weights (it refines the "
                               f"per-question weights step by step)")
@@ -493,14 +502,24 @@ class SelectorPolicy(nn.Module):
         if self.weights_step is not None:
             nn.init.zeros_(self.weights_step.weight)
             nn.init.zeros_(self.weights_step.bias)
-        # policy.earliness: its weight w_e (+ W_e q per step slot), made after the rest
-        self.earliest_w = (nn.Parameter(torch.tensor(float(cfg.prior_weight) / c))
-                           if cfg.earliness else None)
-        self.weights_earliest = (nn.Linear(cfg.text_dim, max(cfg.step_weights, 1))
-                                 if cfg.earliness and cfg.query_weights else None)
-        if self.weights_earliest is not None:
-            nn.init.zeros_(self.weights_earliest.weight)
-            nn.init.zeros_(self.weights_earliest.bias)
+        # policy.earliness, after_anchor: a weight w (+ W q per step slot) each, made after
+        # the rest, in this order
+        self.earliest_w, self.weights_earliest = self._term_weights(cfg, cfg.earliness)
+        self.after_w, self.weights_after = self._term_weights(cfg, cfg.after_anchor)
+
+    @staticmethod
+    def _term_weights(cfg: PolicyConfig, on: bool) -> tuple[nn.Parameter | None,
+                                                             nn.Linear | None]:
+        """A prior term's w (starting at prior_weight, stored / score_weight_scale) and its
+        W q per step slot (starting at 0; only with query_weights); (None, None) when off."""
+        if not on:
+            return None, None
+        w = nn.Parameter(torch.tensor(float(cfg.prior_weight) / cfg.score_weight_scale))
+        W = nn.Linear(cfg.text_dim, max(cfg.step_weights, 1)) if cfg.query_weights else None
+        if W is not None:
+            nn.init.zeros_(W.weight)
+            nn.init.zeros_(W.bias)
+        return w, W
 
     # -- prompt ----------------------------------------------------------------------------
 
@@ -558,16 +577,39 @@ class SelectorPolicy(nn.Module):
                             batch.frame_mask[..., None].float())
 
     @staticmethod
-    def _earliest(rel: Tensor, m: Tensor) -> Tensor:
-        """[B, F]: relevance minus the highest (positive) relevance of any earlier frame,
-        z-scored within the pool. `rel` [B, F] is z-scored, so background sits near 0: the
-        first frame of the earliest relevant segment scores its full relevance, later frames
-        of it or of later relevant segments ~0 or less, background before it ~0, after it
-        below."""
+    def _rise(rel: Tensor, m: Tensor) -> Tensor:
+        """[B, F]: rel minus the highest (positive) rel of any earlier frame in m; -inf
+        outside m. `rel` is z-scored, so background sits near 0: the first frame of the first
+        relevant segment keeps its full relevance, later frames of it or of later relevant
+        segments ~0 or less, background before it ~0, after it below."""
         r = rel.masked_fill(~m, float("-inf"))
         before = torch.cummax(r, 1).values
         before = torch.cat([torch.full_like(before[:, :1], float("-inf")), before[:, :-1]], 1)
-        e = r - torch.relu(before)  # relu(-inf) = 0: nothing before the first frame
+        return r - torch.relu(before)  # relu(-inf) = 0: nothing before the first frame
+
+    @classmethod
+    def _earliest(cls, rel: Tensor, m: Tensor) -> Tensor:
+        """[B, F]: `_rise` over the pool (rel [B, F]: relevance to the best option), z-scored:
+        high on the first frame of the earliest listed object shown."""
+        e = torch.where(m, cls._rise(rel, m), torch.zeros_like(rel))
+        return _pool_zscore(e[..., None], m[..., None].float())[..., 0]
+
+    @classmethod
+    def _after_anchor(cls, rel: Tensor, m: Tensor) -> Tensor:
+        """[B, F]: `_rise` of the relevance to the options from the end of the question's
+        anchor segment on, z-scored: high on the first frame of the first listed object after
+        it. rel [B, F, 2] is the bridge's (question, best option) relevance. The anchor peak
+        is the frame most related to the question minus the options (X is in the question,
+        not among the options); its segment runs on while that stays above half the peak.
+        Frames up to its end score as low as the lowest frame after it."""
+        a = (rel[..., 0] - rel[..., 1]).masked_fill(~m, float("-inf"))
+        peak = a.argmax(1, keepdim=True)  # [B, 1]
+        idx = torch.arange(a.shape[1], device=a.device)[None]
+        ends = (idx > peak) & ~(a > 0.5 * a.gather(1, peak))  # the first such frame ends it
+        after = m & (idx >= torch.where(ends, idx, a.shape[1]).amin(1, keepdim=True))
+        e = cls._rise(rel[..., 1], after)
+        low = e.masked_fill(~after, float("inf")).amin(1, keepdim=True)  # inf: none after
+        e = torch.where(after, e, torch.where(torch.isfinite(low), low, 0.0))
         e = torch.where(m, e, torch.zeros_like(e))
         return _pool_zscore(e[..., None], m[..., None].float())[..., 0]
 
@@ -609,12 +651,16 @@ class SelectorPolicy(nn.Module):
             w_div = None if w_div is None else w_div.expand(B, 1)
         bias = None if w_prior is None else torch.einsum(  # [B, S, F]
             "bfj,bsj->bsf", torch.cat([rel, nov.float()], -1), w_prior)
-        if self.earliest_w is not None:  # + w_e . (earliest relevance to the options)
-            w_e = self.earliest_w.expand(B, 1)
-            if self.weights_earliest is not None:
-                w_e = w_e + self.weights_earliest(batch.q_emb.float())  # [B, S]
-            w_e = c * w_e
-            bias = bias + self._earliest(rel[..., 1], batch.frame_mask)[:, None] * w_e[..., None]
+        terms = []  # + w . (earliest relevance to the options [after the anchor])
+        if self.earliest_w is not None:
+            terms.append((self.earliest_w, self.weights_earliest,
+                          self._earliest(rel[..., 1], batch.frame_mask)))
+        if self.after_w is not None:
+            terms.append((self.after_w, self.weights_after,
+                          self._after_anchor(rel, batch.frame_mask)))
+        for w, W, x in terms:
+            w = w.expand(B, 1) if W is None else w + W(batch.q_emb.float())  # [B, S]
+            bias = bias + x[:, None] * (c * w)[..., None]
         div = w_div  # [B, S]
         x_q = self.text_in(batch.q_emb.to(dtype))[:, None] + self.type_emb[1]
         x_o = self.text_in(batch.opt_emb.to(dtype)) + self.type_emb[2]

@@ -57,7 +57,13 @@ VARIANTS = {"transformer": ("transformer", {}), "mamba2": ("mamba2", {}),
             "transformer-earliness": ("transformer", {"bridge_classes": 10, "prior_weight": 1.0,
                                                       "diversity_weight": 2.0,
                                                       "query_weights": True, "step_weights": 2,
-                                                      "earliness": True})}
+                                                      "earliness": True}),
+            "transformer-after-anchor": ("transformer", {"bridge_classes": 10,
+                                                         "prior_weight": 1.0,
+                                                         "diversity_weight": 2.0,
+                                                         "query_weights": True,
+                                                         "step_weights": 2, "earliness": True,
+                                                         "after_anchor": True})}
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -75,6 +81,8 @@ def policy(request) -> SelectorPolicy:
         torch.nn.init.normal_(p.weights_step.weight, std=0.5)
     if kw.get("earliness"):
         torch.nn.init.normal_(p.weights_earliest.weight, std=0.5)
+    if kw.get("after_anchor"):
+        torch.nn.init.normal_(p.weights_after.weight, std=0.5)
     return p
 
 
@@ -488,3 +496,34 @@ def test_earliness_scores_the_first_frame_of_the_earliest_relevant_segment():
     assert float(p.earliest_w) * c == pytest.approx(1.5) and not p.weights_earliest.weight.any()
     with pytest.raises(ConfigError, match="earliness: needs"):
         small_config("transformer", bridge_classes=10, earliness=True)
+
+
+def test_after_anchor_scores_the_first_option_frame_after_the_anchor_segment():
+    """policy.after_anchor: "which object appears right after X?" The anchor X is related to
+    the question and not to the options; the frame the term ranks first is the first frame
+    of the first option segment after X's segment, not an option shown before X, not X's
+    later frames, not a later option. Turning it on leaves a policy's other weights as they
+    were (same seed, same init), and it needs the prior."""
+    #                 bg   opt  opt  bg   X    X    X    bg   nxt  nxt  bg   opt  pad
+    q = torch.tensor([[0.0, 0.2, 0.2, 0.0, 3.0, 2.5, 2.0, 0.0, 0.3, 0.3, 0.0, 0.3, 9.0]])
+    o = torch.tensor([[0.0, 3.0, 3.0, 0.0, 0.1, 0.1, 0.1, 0.0, 2.5, 2.5, 0.0, 2.9, 9.0]])
+    mask = torch.tensor([[True] * 12 + [False]])
+    e = SelectorPolicy._after_anchor(torch.stack([q, o], -1), mask)
+    assert int(e[0].argmax()) == 8  # the next object's first frame ...
+    assert e[0, 8] - e[0, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 11]].max() > 1.0  # ... by far
+    assert (e[0, :7] == e[0, 7:12].min()).all()  # up to the anchor's end: the lowest
+    assert e[0, 12] == 0  # padding
+    # no frame after the anchor segment: the term is flat (0 everywhere)
+    assert torch.equal(SelectorPolicy._after_anchor(torch.stack([q, o], -1)[:, :7], mask[:, :7]),
+                       torch.zeros(1, 7))
+    kw = {"bridge_classes": 10, "prior_weight": 1.5, "diversity_weight": 2.0,
+          "query_weights": True, "step_weights": 2, "earliness": True}
+    torch.manual_seed(0)
+    without = SelectorPolicy(small_config("transformer", **kw)).state_dict()
+    torch.manual_seed(0)
+    p = SelectorPolicy(small_config("transformer", after_anchor=True, **kw))
+    assert all(torch.equal(v, p.state_dict()[k]) for k, v in without.items())
+    assert float(p.after_w) * p.cfg.score_weight_scale == pytest.approx(1.5)
+    assert p.weights_after.weight.shape == (2, DT) and not p.weights_after.weight.any()
+    with pytest.raises(ConfigError, match="after_anchor: needs"):
+        small_config("transformer", bridge_classes=10, after_anchor=True)
