@@ -139,9 +139,9 @@ class PolicyConfig:
     # question's anchor and it: high on the first frame of the first option shown after the
     # anchor (`_after_anchor`; the anchor is the frame most related to the question and least
     # to the options, with its segment). "Which object appears right after X?" wants X and
-    # that frame and no other option; the bridge alone finds that frame in every `after`
-    # question of every split, but a policy has to learn the relation (docs/benchmarks.md
-    # "Training", session 22). Weighted like `earliness`.
+    # that frame and no other option; the term peaks on it in every val and test `after`
+    # question, but at its initial weight it adds nothing: the policy learns per question
+    # when to use it (docs/benchmarks.md "Training", session 22). Weighted like `earliness`.
     after_anchor: bool = False
     # the score terms' weights (prior, diversity, W) are stored divided by this and used
     # multiplied by it, so the optimizer moves them this many times faster: Adam moves every
