@@ -609,8 +609,7 @@ class SelectorPolicy(nn.Module):
         after = m & (idx >= torch.where(ends, idx, a.shape[1]).amin(1, keepdim=True))
         e = cls._rise(rel[..., 1], after)
         low = e.masked_fill(~after, float("inf")).amin(1, keepdim=True)  # inf: none after
-        e = torch.where(after, e, torch.where(torch.isfinite(low), low, 0.0))
-        e = torch.where(m, e, torch.zeros_like(e))
+        e = torch.where(after, e, torch.where(torch.isfinite(low), low, 0.0))  # finite
         return _pool_zscore(e[..., None], m[..., None].float())[..., 0]
 
     def _unit_frames(self, batch: PolicyBatch, group: int) -> Tensor | None:
