@@ -238,6 +238,33 @@ def test_frame_ranks_count_distinct_objects_at_each_block_end(forged_tiny):
     assert (ids[ends - 1] == batcher.image_id).all()  # right after each frame's visual token
 
 
+def test_frozen_vision_outputs_are_what_the_pixels_give():
+    """After `freeze_vision_at`, training feeds the text model the tower's cached outputs
+    instead of pixels; they must give the hidden states the pixel path (every scorer's) gives,
+    and gradients must still reach the connector and the text model, not the tower."""
+    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, frame_labels=True)
+    texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, "content", "")]
+    tok, proc, model = forge.init_model(cfg, texts, [" " + o for o in OPTIONS])
+    pools = {v: (forge.preprocess_frames(_frames(n, seed=n), cfg), np.arange(n, dtype=float))
+             for v, n in (("v0", 6), ("v1", 7))}  # fmt: skip
+    batcher = forge._Batcher(tok, proc, cfg)
+    cached = forge._freeze_vision(model, pools, batcher.lut, chunk=4)  # chunks inside a pool
+    assert {v: tuple(c.shape[:1]) for v, c in cached.items()} == {"v0": (6,), "v1": (7,)}
+    picks = [("v0", [0, 2, 5]), ("v1", [1, 3, 6])]
+    batch = batcher([(forge.Question("q", v, "appear", QUESTION, OPTIONS, 0, []), pools[v][0][p])
+                     for v, p in picks])  # fmt: skip
+    with torch.no_grad():
+        from_pixels = forge._hidden(model, batch)
+    from_cache = forge._hidden(model, batch, torch.cat([cached[v][p] for v, p in picks]))
+    assert torch.allclose(from_pixels, from_cache, atol=1e-5)
+    from_cache.square().mean().backward()
+    assert all(p.grad is None for p in model.model.vision_model.parameters())
+    assert all(p.grad is not None for p in model.model.connector.parameters())
+    assert model.model.text_model.layers[0].self_attn.q_proj.weight.grad is not None
+    with pytest.raises(ValueError, match="freeze_vision_at"):
+        forge.ForgeConfig(freeze_vision_at=1.5)
+
+
 def test_match_heads_start_as_same_word_lookups():
     cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, match_heads=1)
     texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, "content", "")]
