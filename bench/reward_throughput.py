@@ -7,6 +7,8 @@ How to run (after `make demo` has forged the reference model):
 Workload: 16 GRPO groups of 8 random chronological subsets of K = 8 frames from test videos
 (distinct subsets: the cache is never hit). Measured in one run:
   (a) the reward pool (one vLLM scorer actor, micro-batching), all groups in flight at once;
+      the actor gets `--actor-cpus` CPUs (default 2, the cores (b) and (c) run on: Ray gives an
+      actor as many threads as CPUs, so the embedded config's 1 CPU would run it on one);
   (b) the `transformers` backend, one subset per call under inference_mode;
   (c) vLLM generate-then-parse: up to 4 generated tokens per subset, answer read from text;
 and the pool with 2 concurrent callers vs 1 (each caller sends one group at a time; runs
@@ -86,6 +88,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="1-caller/2-caller runs (medians)")
+    ap.add_argument("--actor-cpus", type=int, default=2,
+                    help="CPUs of the scorer actor (Ray sets its thread count to this); the "
+                         "default, both of the embedded machine's cores, is what (b) and (c) use")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -94,9 +99,11 @@ def main() -> None:
     from refocus_ray.reward_pool import RewardPool
     from refocus_ray.scoring import ReferenceConfig, TransformersBackend, VLLMBackend
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=max(2, args.actor_cpus), include_dashboard=False,
+             log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray_reward_bench_"))  # never another's cluster
-    cfg = ReferenceConfig(model=args.model, max_model_len=2048, pool_name="bench-scorer")
+    cfg = ReferenceConfig(model=args.model, max_model_len=2048, pool_name="bench-scorer",
+                          num_cpus_per_actor=args.actor_cpus)
     mk = lambda seed, off: workload(Path(args.table), args.groups, args.group_size, args.k,
                                     seed, off)
     res: dict[str, float | list[float]] = {}
