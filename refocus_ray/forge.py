@@ -486,8 +486,11 @@ class _Batcher:
             self.text_ids[q.qid] = self.tok.encode(prompt, add_special_tokens=False)
         return self.text_ids[q.qid]
 
-    def __call__(self, items: Sequence[tuple[Question, np.ndarray]]):
-        """items: (question, preprocessed frames [k, s, s, 3]) -> tensors, last positions."""
+    def __call__(self, items: Sequence[tuple[Question, np.ndarray]], pixels: bool = True):
+        """items: (question, preprocessed frames [k, s, s, 3]) -> tensors, last positions.
+
+        pixels=False: no pixel tensor (None), for steps fed the frozen tower's outputs.
+        """
         import torch
 
         seqs = [[*chain.from_iterable(self.frame_ids[: len(fr)]), *self.text(q)] for q, fr in items]
@@ -496,11 +499,13 @@ class _Batcher:
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        if not pixels:
+            return ids, mask, None, last
         kmax, s = max(len(fr) for _, fr in items), self.cfg.frame_size
         pix = np.zeros((n, kmax, 3, s, s), np.float32)  # all-zero images are padding to HF
         for i, (_, fr) in enumerate(items):
             pix[i, : len(fr)] = to_pixels(fr, self.lut)
-        last = torch.tensor([len(s) - 1 for s in seqs])
         return ids, mask, torch.from_numpy(pix), last
 
 
@@ -746,7 +751,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         drawn = [_draw(rng, track_list, fams, k, p_ev, pools, clips, cfg)
                  for _ in range(cfg.batch_size)]
         items = [(q, pools[q.video_id][0][pos]) for q, pos, _, _ in drawn]
-        batch = batcher(items)
+        batch = batcher(items, pixels=frozen is None)
         h = _hidden(model, batch, None if frozen is None else
                     torch.cat([frozen[q.video_id][pos] for q, pos, _, _ in drawn]))
         logits, z = _option_logits(model, batch, [option_ids(q) for q, _ in items], h)
