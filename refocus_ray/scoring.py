@@ -172,7 +172,10 @@ class VLLMBackend:
     def score(self, requests: list[ScoreRequest]) -> list[list[float]]:
         self.store.warm((r.video, r.frames) for r in requests)
         return self.scorer.score(
-            [(self.store.get(r.video, r.frames), r.question, r.options) for r in requests]
+            [(self.store.get(r.video, r.frames), r.question, r.options) for r in requests],
+            # a frame is named as the store keys it (its pixels are the store's for the life
+            # of this engine), so vLLM need not hash the pixels
+            frame_ids=[[f"{r.video}#{f}" for f in sorted(r.frames)] for r in requests],
         )
 
 

@@ -102,6 +102,27 @@ def test_killed_actor_restarts_and_every_request_is_answered(pool, clip_dir):
     assert os.getpid() != new["pid"]
 
 
+def test_frames_named_alike_in_two_videos_are_scored_from_their_own_pixels(
+        pool, clip_dir, real_frames, tmp_path):
+    """The actor names each frame (video, frame number) for vLLM's caches instead of hashing
+    its pixels: frame 10 of another video is another image. Checked against the
+    `transformers` backend, which caches nothing."""
+    from dataclasses import replace
+
+    from refocus_ray.evidence import write_mp4
+    from refocus_ray.scoring import TransformersBackend
+
+    other = tmp_path / "reversed.mp4"
+    write_mp4(other, iter(real_frames[::-1]), 25.0, crf=23)
+    reqs = [ScoreRequest(str(v), (10, 100, 200), "Which object is it?",
+                         ("cat", "moon", "page", "coffee"))
+            for v in (clip_dir / "long.mp4", other)]  # fmt: skip
+    z = [pool.score([r])[0] for r in reqs]  # two engine calls: the first video's frames cached
+    ref = TransformersBackend(replace(pool.cfg, backend="transformers")).score(reqs)
+    assert np.abs(np.subtract(*ref)).max() > 1e-3  # the two videos' frames do differ
+    np.testing.assert_allclose(z, ref, atol=1e-4)
+
+
 def test_bad_request_fails_alone(pool, clip_dir):
     good = _requests(clip_dir, 3, offset=50)
     bad = ScoreRequest(str(clip_dir / "long.mp4"), (5, 5000), "Which object is it?", ("cat", "moon"))
