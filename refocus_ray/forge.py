@@ -32,7 +32,7 @@ from PIL import Image
 
 from refocus_ray import prompting
 from refocus_ray.dataset import read_table, resolve_video
-from refocus_ray.evidence import COUNT_WORDS, OBJECTS
+from refocus_ray.evidence import COUNT_WORDS, FAMILIES, OBJECTS
 from refocus_ray.forge_questions import load_tracks, synthesize
 from refocus_ray.video import decode_pool
 
@@ -55,6 +55,7 @@ EVAL_K = (4, 8)
 CONDITIONS = {"with": "with_evidence", "without": "without_evidence", "dense": "dense"}
 TRAIN_VIDEOS = ("all", "half0", "half1")
 NO_EVIDENCE_TARGETS = ("uniform", "first_option")
+AUX_LOGGED = ("frame_acc", "rank_acc", "frame_rank_acc", "word_att", "anchor_att", "answer_att")
 RANK_WORDS = ("none", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
@@ -122,6 +123,23 @@ class ForgeConfig:
     # appears first / right after X" then compares the numbers before the matching frames
     # instead of positions the model must infer from rotary attention alone
     frame_labels: bool = False
+    # auxiliary loss weights on where three heads look (-log of a head's attention on the
+    # right positions). The order questions need a chain of lookups that the answer loss alone
+    # never assembled: words answered `first` and `after` from which objects they saw. Head 0
+    # of the text layer right after the frame ranks (text_layers // 2): from every object word
+    # the frames show, at the closing tokens of that object's frames, so the word copies the
+    # running count there (its rank of first appearance)
+    word_attention_weight: float = 0.0
+    # and head 1 of that layer, from the answer position of each `after` question, at the
+    # anchor's frames: the answer then holds the anchor's rank one layer before the last, where
+    # "the option ranked one later" can be read off the words
+    anchor_attention_weight: float = 0.0
+    # and head 0 of the last text layer, from the answer position of each question of
+    # `answer_attention_families`, at the word it is taught to answer among the options (with
+    # evidence the answer; without, the first option under ``first_option``). `count` is left
+    # out: with it, `count` trained slower (val 0.90 / 0.88 at K = 4 / 8, without 0.96 / 0.93)
+    answer_attention_weight: float = 0.0
+    answer_attention_families: tuple[str, ...] = ("first", "after", "appear", "global")
     match_heads: int = 2  # layers whose first head starts as a "same word" head (see build_model)
     # how often each question family is drawn after the curriculum (missing: 1.0), e.g.
     # {"count": 2.0, "global": 0.25}: multi-segment families learn slowest, "global" fastest
@@ -173,8 +191,13 @@ class ForgeConfig:
                 f"got {self.no_evidence_target!r}")
         if self.train_videos not in TRAIN_VIDEOS:
             bad(f"train_videos must be one of {TRAIN_VIDEOS}, got {self.train_videos!r}")
-        if min(self.frame_label_weight, self.word_rank_weight, self.frame_rank_weight) < 0:
-            bad("frame_label_weight, word_rank_weight and frame_rank_weight must be >= 0")
+        if min(self.frame_label_weight, self.word_rank_weight, self.frame_rank_weight,
+               self.word_attention_weight, self.anchor_attention_weight,
+               self.answer_attention_weight) < 0:
+            bad("the auxiliary loss weights (*_weight) must be >= 0")
+        if unknown := set(self.answer_attention_families) - set(FAMILIES):
+            bad(f"answer_attention_families: unknown families {sorted(unknown)}; "
+                f"choose from {FAMILIES}")
         if any(w < 0 for w in self.family_weights.values()):
             bad(f"family_weights must be >= 0, got {self.family_weights}")
         if self.vocab_size < 256 + len(SPECIAL_TOKENS) + 64:
@@ -626,6 +649,65 @@ def _word_ranks(ids, frame_labels, word_of: dict[int, str], rank_tok: list[int])
     return rows, cols, targets
 
 
+def _word_frames(ids, last, frame_labels, families, word_of: dict[int, str]):
+    """Where the supervised heads should look: (rows, cols, frames) for every object word in
+    the prompts whose object the example's frames show (the shown frames, by index, that show
+    it), and the same for the answer position of each `after` question whose anchor is shown
+    (its anchor's frames: the running count there is the anchor's rank)."""
+    words, anchors = ([], [], []), ([], [], [])
+    for i, labels in enumerate(frame_labels):
+        cols = np.flatnonzero(np.isin(ids[i].numpy(), list(word_of)))
+        for n, j in enumerate(cols):
+            at = [f for f, o in enumerate(labels) if o == word_of[int(ids[i, j])]]
+            if not at:
+                continue
+            targets = [(words, int(j))]
+            if families[i] == "after" and n == 0:  # the anchor: the question's object word
+                targets.append((anchors, int(last[i])))
+            for out, col in targets:
+                out[0].append(i)
+                out[1].append(col)
+                out[2].append(at)
+    return words, anchors
+
+
+def _answer_words(ids, last, drawn, label_ids, families, first_option: bool):
+    """(rows, cols, positions): the answer position of each example of `families`, and where
+    the word it is taught to answer stands among the options (its last occurrence in the
+    prompt): the answer with evidence; without, the first option if `first_option` (the
+    ``first_option`` target), else none."""
+    rows, cols, at = [], [], []
+    for i, (q, _, with_ev, _) in enumerate(drawn):
+        if q.family in families and (with_ev or first_option):
+            word = q.options[q.answer if with_ev else 0]
+            where = np.flatnonzero(ids[i].numpy() == label_ids([word])[0])
+            if len(where):
+                rows.append(i)
+                cols.append(int(last[i]))
+                at.append([int(where[-1])])
+    return rows, cols, at
+
+
+def _head_attention(attn, x, pos_emb, rows, cols, head: int = 0):
+    """Causal attention probabilities [R, T] of `head` of Llama attention `attn` (input `x`
+    [n, T, d], rotary `pos_emb`) from positions (rows, cols) over their sequences."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    hd = attn.head_dim
+    kv = head // attn.num_key_value_groups
+    cos, sin = (e.expand(x.shape[0], -1, -1) for e in pos_emb)
+    # this head's rows of the projections only (Llama's have no bias)
+    q = F.linear(x[rows, cols], attn.q_proj.weight[head * hd : (head + 1) * hd])
+    k = F.linear(x, attn.k_proj.weight[kv * hd : (kv + 1) * hd])  # each sequence once
+    q = q * cos[rows, cols] + rotate_half(q) * sin[rows, cols]
+    k = (k * cos + rotate_half(k) * sin)[rows]
+    s = torch.einsum("rtd,rd->rt", k, q) * attn.scaling
+    later = torch.arange(x.shape[1])[None, :] > torch.tensor(cols)[:, None]
+    return torch.softmax(s.masked_fill(later, float("-inf")), -1)
+
+
 def _loss(logits, z, target, answer_tok, with_ev, first_tok=None):
     """With evidence: cross-entropy on the answer (its token over the vocabulary, and over the
     options). Without: cross-entropy to the uniform distribution over the options or, given
@@ -722,6 +804,14 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
     tap(model.model.connector, "tokens")
     if cfg.frame_rank_weight:  # frame ranks are read halfway, so later layers can use them
         tap(text_model.layers[max(0, cfg.text_layers // 2 - 1)], "mid")
+    mid = cfg.text_layers // 2  # the layer right after the frame ranks
+    supervised = {mid} if cfg.word_attention_weight or cfg.anchor_attention_weight else set()
+    supervised |= {cfg.text_layers - 1} if cfg.answer_attention_weight else set()
+    for layer in supervised:  # the supervised heads' input and rotary embeddings
+        text_model.layers[layer].self_attn.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: taps.__setitem__(
+                f"att{layer}", (kw["hidden_states"], kw["position_embeddings"])),
+            with_kwargs=True)  # fmt: skip
     word_of = {label_ids([o])[0]: o for o in OBJECTS}  # object word token -> object
     rank_tok = label_ids(list(RANK_WORDS))
 
@@ -782,6 +872,31 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
             fr_t = torch.tensor([rank_tok[r] for r in ranks])
             loss = loss + cfg.frame_rank_weight * F.cross_entropy(fr_logits, fr_t)
             aux["frame_rank_acc"] = (fr_logits.argmax(-1) == fr_t).float().mean().item()
+        looks = []  # (layer, head, weight, name, (rows, cols, target positions))
+        if cfg.word_attention_weight or cfg.anchor_attention_weight:
+            ends = batcher.block_ends(k)
+            words, anchors = _word_frames(batch[0], batch[3], [labels for *_, labels in drawn],
+                                          [q.family for q, *_ in drawn], word_of)  # fmt: skip
+            looks += [(mid, head, w, name, (r, c, [ends[f] for f in at]))
+                      for head, w, name, (r, c, at) in
+                      [(0, cfg.word_attention_weight, "word_att", words),
+                       (1, cfg.anchor_attention_weight, "anchor_att", anchors)]]  # fmt: skip
+        if cfg.answer_attention_weight:
+            looks.append((cfg.text_layers - 1, 0, cfg.answer_attention_weight, "answer_att",
+                          _answer_words(batch[0], batch[3], drawn, label_ids,
+                                        cfg.answer_attention_families,
+                                        cfg.no_evidence_target == "first_option")))  # fmt: skip
+        for layer, head, w, name, (rows, cols, at) in looks:
+            if not (w and rows):
+                continue
+            p = _head_attention(text_model.layers[layer].self_attn, *taps[f"att{layer}"], rows,
+                                cols, head)  # fmt: skip
+            on = torch.zeros_like(p, dtype=torch.bool)
+            for r, positions in enumerate(at):
+                on[r, positions] = True
+            mass = (p * on).sum(-1)  # attention where the head should look
+            loss = loss - w * torch.log(mass + 1e-6).mean()
+            aux[name] = mass.mean().item()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -799,10 +914,12 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
                     **{k: round(v, 3) for k, v in aux.items()},
                     "seconds": round(time.time() - t0, 1)})  # fmt: skip
         if step % 50 == 0 or step == cfg.steps - 1:
+            recent = log[-50:]
+            shown = dict.fromkeys(a for x in recent for a in x if a in AUX_LOGGED)
             print(f"forge step {step}/{cfg.steps} K<={kmax} loss {loss.item():.3f} "
                   f"{time.time() - t0:.0f}s; train acc with evidence, last 50 steps: "
-                  f"{_recent(log[-50:])}", *(f"{a} {np.mean([x[a] for x in log[-50:]]):.2f}"
-                  for a in aux), flush=True)  # fmt: skip
+                  f"{_recent(recent)}", *(f"{a} {np.mean([x[a] for x in recent if a in x]):.2f}"
+                  for a in shown), flush=True)  # fmt: skip
     train_s = time.time() - t0
     ckpt = save_checkpoint(model.eval(), processor, cfg, out / "checkpoint")
     meta = {"train_seconds": round(train_s, 1), "cache_seconds": round(cache_s, 1),

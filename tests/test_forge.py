@@ -39,6 +39,10 @@ def test_config_validation():
         forge.ForgeConfig(min_k=40)
     with pytest.raises(ValueError, match="no_evidence_target"):
         forge.ForgeConfig(no_evidence_target="answer")
+    with pytest.raises(ValueError, match="answer_attention_families.*'when'"):
+        forge.ForgeConfig(answer_attention_families=["first", "when"])
+    with pytest.raises(ValueError, match="weights"):
+        forge.ForgeConfig(anchor_attention_weight=-1)
 
 
 def test_no_evidence_target_never_uses_the_answer():
@@ -288,3 +292,61 @@ def test_train_halves_are_disjoint_and_cover_the_split(tmp_path):
     halves = [{r["video_id"] for r in forge.train_rows(table, h)} for h in ("half0", "half1")]
     assert not halves[0] & halves[1] and len(halves[0]) == len(halves[1]) == 4
     assert halves[0] | halves[1] == {r["video_id"] for r in forge.train_rows(table)}
+
+
+def test_supervised_head_attention_is_the_models_own():
+    """The attention the forge supervises (`_head_attention`, recomputed from a layer's input)
+    must be the probabilities the layer itself uses, head by head, or the loss would teach a
+    head the model does not have."""
+    cfg = forge.ForgeConfig(text_layers=2, vision_layers=1, frame_labels=True)
+    texts = [prompting.build_prompt(QUESTION, OPTIONS, 0, "content", "")]
+    tok, proc, model = forge.init_model(cfg, texts, [" " + o for o in OPTIONS])
+    model.set_attn_implementation("eager")
+    layer = model.model.text_model.layers[1].self_attn
+    taps = {}
+    layer.register_forward_pre_hook(
+        lambda m, a, kw: taps.__setitem__("x", (kw["hidden_states"], kw["position_embeddings"])),
+        with_kwargs=True)  # fmt: skip
+    batcher = forge._Batcher(tok, proc, cfg)
+    q = forge.Question("q", "v", "appear", QUESTION, OPTIONS, 0, [])
+    batch = batcher([(q, forge.preprocess_frames(_frames(k, seed=k), cfg)) for k in (3, 5)])
+    with torch.no_grad():
+        out = model.model(input_ids=batch[0], attention_mask=batch[1], pixel_values=batch[2],
+                          output_attentions=True)  # fmt: skip
+        rows, cols = [0, 1, 1], [int(batch[3][0]), 7, int(batch[3][1])]
+        for head in range(cfg.heads):
+            mine = forge._head_attention(layer, *taps["x"], rows, cols, head)
+            theirs = out.attentions[1][rows, head, cols]
+            assert torch.allclose(mine[0, : cols[0] + 1], theirs[0, : cols[0] + 1], atol=1e-6)
+            assert torch.allclose(mine[1:], theirs[1:], atol=1e-6)
+
+
+def test_attention_targets_are_each_objects_frames_and_the_answer_word(forged_tiny):
+    """Object words look at the closing tokens of their object's frames; an `after` question's
+    answer position at its anchor's frames; the answer position at the word it must answer."""
+    tok = forged_tiny[2]
+    word_of = {prompting.scored_token_ids(tok, [w], "content")[0]: w for w in OPTIONS}
+    label_ids = lambda ws: [prompting.scored_token_ids(tok, [w], "content")[0] for w in ws]
+    after = f"Which object appears right after the {OPTIONS[0]}?"  # anchor: cat
+    opts = OPTIONS[1:]  # coffee, rocket, motorcycle
+    ids = torch.tensor([tok.encode(prompting.build_prompt(after, opts, 0, "content", ""),
+                                   add_special_tokens=False)])  # fmt: skip
+    frames = ["bikes", "cat", "cat", "rocket", "moon", "coffee"]  # cat, then rocket
+    last = torch.tensor([ids.shape[1] - 1])
+    (rows, cols, at), (arows, acols, aat) = forge._word_frames(ids, last, [frames], ["after"],
+                                                               word_of)  # fmt: skip
+    looked = {word_of[int(ids[0, c])]: f for c, f in zip(cols, at)}
+    assert rows == [0] * 3 and looked == {"cat": [1, 2], "rocket": [3], "coffee": [5]}
+    assert (arows, acols, aat) == ([0], [int(last[0])], [[1, 2]])  # the anchor's frames
+    assert forge._word_frames(ids, last, [frames], ["first"], word_of)[1] == ([], [], [])
+    q = forge.Question("q", "v", "after", after, opts, 1, [])  # rocket
+    drawn = [(q, None, True, frames), (q, None, False, frames)]
+    both = torch.cat([ids, ids])
+    rows, cols, at = forge._answer_words(both, torch.cat([last, last]), drawn, label_ids,
+                                         ("after",), first_option=True)  # fmt: skip
+    assert [label_ids([w])[0] for w in ("rocket", "coffee")] == [int(both[0, p[0]]) for p in at]
+    assert rows == [0, 1] and cols == [int(last[0])] * 2
+    assert forge._answer_words(both, torch.cat([last, last]), drawn, label_ids, ("after",),
+                               first_option=False)[0] == [0]  # uniform: no word to look at
+    assert forge._answer_words(both, torch.cat([last, last]), drawn, label_ids, ("first",),
+                               first_option=True)[0] == []  # fmt: skip
