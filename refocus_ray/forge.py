@@ -55,7 +55,8 @@ EVAL_K = (4, 8)
 CONDITIONS = {"with": "with_evidence", "without": "without_evidence", "dense": "dense"}
 TRAIN_VIDEOS = ("all", "half0", "half1")
 NO_EVIDENCE_TARGETS = ("uniform", "first_option")
-AUX_LOGGED = ("frame_acc", "rank_acc", "frame_rank_acc", "word_att", "anchor_att", "answer_att")
+AUX_LOGGED = ("frame_acc", "rank_acc", "frame_rank_acc", "word_att", "anchor_word_att",
+              "anchor_att", "answer_att")
 RANK_WORDS = ("none", "one", "two", "three", "four", "five", "six", "seven", "eight")
 
 
@@ -134,6 +135,11 @@ class ForgeConfig:
     # anchor's frames: the answer then holds the anchor's rank one layer before the last, where
     # "the option ranked one later" can be read off the words
     anchor_attention_weight: float = 0.0
+    # and head 1 of the layer before, from the same position, at the anchor's word: which
+    # object the anchor is, before the answer looks for its frames. Unsupervised, this link
+    # formed in 3 forges of 4; in the fourth (the demo's, session 25) the anchor head's
+    # attention stayed at ~0.6 and object-dense `after` read 0.70 / 0.32
+    anchor_word_attention_weight: float = 0.0
     # and head 0 of the last text layer, from the answer position of each question of
     # `answer_attention_families`, at the word it is taught to answer among the options (with
     # evidence the answer; without, the first option under ``first_option``). `count` is left
@@ -191,10 +197,13 @@ class ForgeConfig:
                 f"got {self.no_evidence_target!r}")
         if self.train_videos not in TRAIN_VIDEOS:
             bad(f"train_videos must be one of {TRAIN_VIDEOS}, got {self.train_videos!r}")
+        heads = (self.word_attention_weight, self.anchor_attention_weight,
+                 self.anchor_word_attention_weight, self.answer_attention_weight)
         if min(self.frame_label_weight, self.word_rank_weight, self.frame_rank_weight,
-               self.word_attention_weight, self.anchor_attention_weight,
-               self.answer_attention_weight) < 0:
+               *heads) < 0:
             bad("the auxiliary loss weights (*_weight) must be >= 0")
+        if max(heads) > 0 and (self.text_layers < 2 or self.heads < 2):
+            bad("the supervised heads (*_attention_weight) need text_layers >= 2 and heads >= 2")
         if unknown := set(self.answer_attention_families) - set(FAMILIES):
             bad(f"answer_attention_families: unknown families {sorted(unknown)}; "
                 f"choose from {FAMILIES}")
@@ -650,25 +659,30 @@ def _word_ranks(ids, frame_labels, word_of: dict[int, str], rank_tok: list[int])
 
 
 def _word_frames(ids, last, frame_labels, families, word_of: dict[int, str]):
-    """Where the supervised heads should look: (rows, cols, frames) for every object word in
-    the prompts whose object the example's frames show (the shown frames, by index, that show
-    it), and the same for the answer position of each `after` question whose anchor is shown
-    (its anchor's frames: the running count there is the anchor's rank)."""
-    words, anchors = ([], [], []), ([], [], [])
+    """Where the supervised heads should look, as (rows, cols, targets) each:
+
+    - words: every object word in the prompts whose object the example's frames show, at the
+      shown frames (indices) that show it;
+    - anchors: the answer position of each `after` question whose anchor is shown, at the
+      anchor's frames (the running count there is the anchor's rank);
+    - anchor_words: the same answer positions, at the anchor's word in the question (sequence
+      positions): where the answer learns which object the anchor is.
+    """
+    words, anchors, anchor_words = ([], [], []), ([], [], []), ([], [], [])
     for i, labels in enumerate(frame_labels):
         cols = np.flatnonzero(np.isin(ids[i].numpy(), list(word_of)))
         for n, j in enumerate(cols):
             at = [f for f, o in enumerate(labels) if o == word_of[int(ids[i, j])]]
             if not at:
                 continue
-            targets = [(words, int(j))]
+            targets = [(words, int(j), at)]
             if families[i] == "after" and n == 0:  # the anchor: the question's object word
-                targets.append((anchors, int(last[i])))
-            for out, col in targets:
+                targets += [(anchors, int(last[i]), at), (anchor_words, int(last[i]), [int(j)])]
+            for out, col, where in targets:
                 out[0].append(i)
                 out[1].append(col)
-                out[2].append(at)
-    return words, anchors
+                out[2].append(where)
+    return words, anchors, anchor_words
 
 
 def _answer_words(ids, last, drawn, label_ids, families, first_option: bool):
@@ -806,6 +820,7 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         tap(text_model.layers[max(0, cfg.text_layers // 2 - 1)], "mid")
     mid = cfg.text_layers // 2  # the layer right after the frame ranks
     supervised = {mid} if cfg.word_attention_weight or cfg.anchor_attention_weight else set()
+    supervised |= {mid - 1} if cfg.anchor_word_attention_weight else set()
     supervised |= {cfg.text_layers - 1} if cfg.answer_attention_weight else set()
     for layer in supervised:  # the supervised heads' input and rotary embeddings
         text_model.layers[layer].self_attn.register_forward_pre_hook(
@@ -873,14 +888,18 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
             loss = loss + cfg.frame_rank_weight * F.cross_entropy(fr_logits, fr_t)
             aux["frame_rank_acc"] = (fr_logits.argmax(-1) == fr_t).float().mean().item()
         looks = []  # (layer, head, weight, name, (rows, cols, target positions))
-        if cfg.word_attention_weight or cfg.anchor_attention_weight:
+        if cfg.word_attention_weight or cfg.anchor_attention_weight or (
+                cfg.anchor_word_attention_weight):  # fmt: skip
             ends = batcher.block_ends(k)
-            words, anchors = _word_frames(batch[0], batch[3], [labels for *_, labels in drawn],
-                                          [q.family for q, *_ in drawn], word_of)  # fmt: skip
+            words, anchors, anchor_words = _word_frames(
+                batch[0], batch[3], [labels for *_, labels in drawn],
+                [q.family for q, *_ in drawn], word_of)  # fmt: skip
             looks += [(mid, head, w, name, (r, c, [ends[f] for f in at]))
                       for head, w, name, (r, c, at) in
                       [(0, cfg.word_attention_weight, "word_att", words),
                        (1, cfg.anchor_attention_weight, "anchor_att", anchors)]]  # fmt: skip
+            looks.append((mid - 1, 1, cfg.anchor_word_attention_weight, "anchor_word_att",
+                          anchor_words))  # fmt: skip
         if cfg.answer_attention_weight:
             looks.append((cfg.text_layers - 1, 0, cfg.answer_attention_weight, "answer_att",
                           _answer_words(batch[0], batch[3], drawn, label_ids,

@@ -43,6 +43,8 @@ def test_config_validation():
         forge.ForgeConfig(answer_attention_families=["first", "when"])
     with pytest.raises(ValueError, match="weights"):
         forge.ForgeConfig(anchor_attention_weight=-1)
+    with pytest.raises(ValueError, match="text_layers >= 2"):
+        forge.ForgeConfig(text_layers=1, word_attention_weight=0.5)
 
 
 def test_no_evidence_target_never_uses_the_answer():
@@ -323,7 +325,8 @@ def test_supervised_head_attention_is_the_models_own():
 
 def test_attention_targets_are_each_objects_frames_and_the_answer_word(forged_tiny):
     """Object words look at the closing tokens of their object's frames; an `after` question's
-    answer position at its anchor's frames; the answer position at the word it must answer."""
+    answer position at its anchor's word and frames; the answer position at the word it must
+    answer."""
     tok = forged_tiny[2]
     word_of = {prompting.scored_token_ids(tok, [w], "content")[0]: w for w in OPTIONS}
     label_ids = lambda ws: [prompting.scored_token_ids(tok, [w], "content")[0] for w in ws]
@@ -333,12 +336,16 @@ def test_attention_targets_are_each_objects_frames_and_the_answer_word(forged_ti
                                    add_special_tokens=False)])  # fmt: skip
     frames = ["bikes", "cat", "cat", "rocket", "moon", "coffee"]  # cat, then rocket
     last = torch.tensor([ids.shape[1] - 1])
-    (rows, cols, at), (arows, acols, aat) = forge._word_frames(ids, last, [frames], ["after"],
-                                                               word_of)  # fmt: skip
+    words, anchors, anchor_words = forge._word_frames(ids, last, [frames], ["after"], word_of)
+    rows, cols, at = words
     looked = {word_of[int(ids[0, c])]: f for c, f in zip(cols, at)}
     assert rows == [0] * 3 and looked == {"cat": [1, 2], "rocket": [3], "coffee": [5]}
-    assert (arows, acols, aat) == ([0], [int(last[0])], [[1, 2]])  # the anchor's frames
-    assert forge._word_frames(ids, last, [frames], ["first"], word_of)[1] == ([], [], [])
+    assert anchors == ([0], [int(last[0])], [[1, 2]])  # the anchor's frames
+    cat = prompting.scored_token_ids(tok, ["cat"], "content")[0]
+    (where,) = anchor_words[2][0]
+    assert anchor_words[:2] == ([0], [int(last[0])]) and int(ids[0, where]) == cat
+    assert where < cols[1]  # the question's cat, before the options
+    assert forge._word_frames(ids, last, [frames], ["first"], word_of)[1:] == (([], [], []),) * 2
     q = forge.Question("q", "v", "after", after, opts, 1, [])  # rocket
     drawn = [(q, None, True, frames), (q, None, False, frames)]
     both = torch.cat([ids, ids])
