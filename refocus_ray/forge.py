@@ -890,16 +890,15 @@ def forge(table_path: str | Path, out_dir: str | Path, cfg: ForgeConfig | None =
         looks = []  # (layer, head, weight, name, (rows, cols, target positions))
         if cfg.word_attention_weight or cfg.anchor_attention_weight or (
                 cfg.anchor_word_attention_weight):  # fmt: skip
-            ends = batcher.block_ends(k)
+            ends = batcher.block_ends(k)  # a frame's targets are its block's closing token
             words, anchors, anchor_words = _word_frames(
                 batch[0], batch[3], [labels for *_, labels in drawn],
                 [q.family for q, *_ in drawn], word_of)  # fmt: skip
-            looks += [(mid, head, w, name, (r, c, [ends[f] for f in at]))
-                      for head, w, name, (r, c, at) in
-                      [(0, cfg.word_attention_weight, "word_att", words),
-                       (1, cfg.anchor_attention_weight, "anchor_att", anchors)]]  # fmt: skip
-            looks.append((mid - 1, 1, cfg.anchor_word_attention_weight, "anchor_word_att",
-                          anchor_words))  # fmt: skip
+            words, anchors = ((r, c, [ends[f] for f in at]) for r, c, at in (words, anchors))
+            looks += [(mid, 0, cfg.word_attention_weight, "word_att", words),
+                      (mid, 1, cfg.anchor_attention_weight, "anchor_att", anchors),
+                      (mid - 1, 1, cfg.anchor_word_attention_weight, "anchor_word_att",
+                       anchor_words)]  # fmt: skip
         if cfg.answer_attention_weight:
             looks.append((cfg.text_layers - 1, 0, cfg.answer_attention_weight, "answer_att",
                           _answer_words(batch[0], batch[3], drawn, label_ids,
