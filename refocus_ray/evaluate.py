@@ -116,6 +116,7 @@ def fingerprint(cfg: Config, checkpoint: Path, split: str | None = None,
     """What the results depend on. ``report=False`` leaves out settings that only change which
     jobs run or how they are shown (ks, methods, examples): the partial-results key."""
     from refocus_ray.features import cache_key
+    from refocus_ray.pipeline import FORGES, forge_record
 
     e = asdict(evaluate_config(cfg))
     e["split"] = split or e["split"]
@@ -123,13 +124,15 @@ def fingerprint(cfg: Config, checkpoint: Path, split: str | None = None,
     if not report:
         for key in ("ks", "methods", "examples", "example_k", "batch_size"):
             e.pop(key)
-    forge = cfg.run_path / "forge" / "stage.json"
+    # the forge records of the forged models that answer (and of the reference, which the
+    # bridge reads): re-forging the answering model re-runs evaluation too
+    used = {cfg.section(s).get("model") for s in ("reference", "answerer")} | {"forge"}
     return {"version": EVAL_VERSION, "evaluate": e,
             "checkpoint": file_hash(checkpoint / "model.safetensors"),
             "reference": cfg.section("reference"), "answerer": cfg.section("answerer"),
             "table": file_hash(cfg.table_path()), "features": cache_key(cfg),
             "query": cfg.encoders.query, "bridge": bridge_source(cfg),
-            "forge": forge.read_text() if forge.exists() else None}
+            **{name: forge_record(cfg, name) for name in FORGES if name in used}}
 
 
 # ---------------------------------------------------------------------------- selection

@@ -22,6 +22,31 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1", "VLLM_CPU_KVC
 OPTIONS = ["cat", "moon", "page", "coffee"]
 
 
+def test_reforging_the_answering_model_reruns_evaluation(tmp_path):
+    """The eval stage's fingerprint carries the record of every forge that answers: a re-forged
+    answering model must not leave a stale report cached (it did until session 26)."""
+    from refocus_ray.config import load_config
+
+    (tmp_path / "qa.jsonl").write_text("{}\n")
+    (tmp_path / "policy").mkdir()
+    (tmp_path / "policy" / "model.safetensors").write_bytes(b"weights")
+    raw = {"run_dir": str(tmp_path / "run"), "data": {"kind": "table",
+                                                     "table": str(tmp_path / "qa.jsonl")},
+           "reference": {"model": "forge"}, "answerer": {"model": "forge_answerer"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "cfg.yaml")
+    fp = lambda: evaluate.fingerprint(cfg, tmp_path / "policy")  # noqa: E731
+    for name in ("forge", "forge_answerer"):
+        (cfg.run_path / name).mkdir(parents=True)
+        (cfg.run_path / name / "stage.json").write_text('{"fingerprint": "a"}')
+    before = fp()
+    for name in ("forge_answerer", "forge"):
+        (cfg.run_path / name / "stage.json").write_text('{"fingerprint": "b"}')
+        assert fp() != before, f"{name} re-forged, the eval fingerprint unchanged"
+        before = fp()
+    assert fp() == before  # and nothing else moves it
+
+
 # ------------------------------------------------------------------------ selector contracts
 
 
