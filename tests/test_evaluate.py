@@ -35,7 +35,7 @@ def test_reforging_the_answering_model_reruns_evaluation(tmp_path):
            "reference": {"model": "forge"}, "answerer": {"model": "forge_answerer"}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "cfg.yaml")
-    fp = lambda: evaluate.fingerprint(cfg, tmp_path / "policy")  # noqa: E731
+    fp = lambda: evaluate.fingerprint(cfg, tmp_path / "policy")
     for name in ("forge", "forge_answerer"):
         (cfg.run_path / name).mkdir(parents=True)
         (cfg.run_path / name / "stage.json").write_text('{"fingerprint": "a"}')
