@@ -6,18 +6,21 @@ How to run (after `make demo` has forged the reference model):
 
 Workload: 16 GRPO groups of 8 random chronological subsets of K = 8 frames from test videos
 (distinct subsets: the cache is never hit). Measured in one run:
-  (a) the reward pool (one vLLM scorer actor, micro-batching), all groups in flight at once;
-      the actor gets `--actor-cpus` CPUs (default 2, the cores (b) and (c) run on: Ray gives an
-      actor as many threads as CPUs, so the embedded config's 1 CPU would run it on one);
-  (b) the `transformers` backend, one subset per call under inference_mode;
+  (a) the reward pool (vLLM scorer actors, micro-batching), all groups in flight at once, for
+      each pool layout of `--layouts`: by default two actors of one core each (2x1: on a CPU
+      machine an engine per core, as a cluster has one per GPU: vLLM's per-request input
+      processing is Python, one core per engine), then one actor on both cores (1x2);
+  (b) the `transformers` backend, one subset per call under inference_mode (both cores);
   (c) vLLM generate-then-parse: up to 4 generated tokens per subset, answer read from text;
-and the pool with 2 concurrent callers vs 1 (each caller sends one group at a time; runs
-alternate `--repeats` times on fresh subsets and the medians are reported, as the machine is
-shared). For each, where the actor's time went: engine busy fraction, mean engine batch,
-engine ms per request, queue wait. Two callers can beat one by at most (engine ms/request at
-one caller) / (at two) while the engine is busy, as it is on a 2-core CPU.
+and, per layout, the pool with 2 concurrent callers vs 1 (each caller sends one group at a
+time; runs alternate `--repeats` times on fresh subsets and the medians are reported, as the
+machine is shared). For each, where the actors' time went: engine busy fraction, mean engine
+batch, engine ms per request, queue wait. On one engine, two callers can beat one by at most
+(engine ms/request at one caller) / (at two) while the engine is busy, as it is on a 2-core CPU;
+on two engines by twice that, when the callers' videos route to different actors.
 Goals on 2 cores: a/b >= 2; 2 callers >= 1.5x one. a/c is reported without a goal (one
-prefill is about calibrated scores for every option, not speed). ~70 s at load 2; 10 min at 7.
+prefill is about calibrated scores for every option, not speed). The JSON's top-level pool
+figures are the first layout's; every layout's are under "layouts". ~2 min at load 2.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,65 +66,54 @@ def workload(table: Path, groups: int, size: int, k: int, seed: int, offset: int
     return out
 
 
+def _totals(pool) -> dict[str, float]:
+    """The actors' counters, summed over the pool."""
+    stats = pool.stats()
+    return {k: sum(st[k] for st in stats) for k in stats[0] if isinstance(stats[0][k], float | int)}
+
+
 def run_pool(pool, groups, callers: int) -> tuple[float, dict[str, float]]:
     """Subsets/s with `callers` threads, each sending its groups one at a time, and where the
-    actor's time went: engine busy fraction, mean engine batch, queue wait per request."""
+    actors' time went: engine busy fraction (per actor), mean engine batch, queue wait."""
     share = [groups[i::callers] for i in range(callers)]
-    before = pool.stats()[0]
+    before = _totals(pool)
     t = time.perf_counter()
     threads = [threading.Thread(target=lambda g=g: [pool.score(x) for x in g]) for g in share]
     [th.start() for th in threads]
     [th.join() for th in threads]
     wall = time.perf_counter() - t
-    d = {k: v - before[k] for k, v in pool.stats()[0].items() if isinstance(v, float | int)}
+    d = {k: v - before[k] for k, v in _totals(pool).items()}
     n = sum(map(len, groups))
-    return n / wall, {"engine_busy": (d["engine_s"] + d["fetch_s"]) / wall,
+    return n / wall, {"engine_busy": (d["engine_s"] + d["fetch_s"]) / wall / len(pool.actors),
                       "mean_batch": d["scored"] / max(d["engine_calls"], 1),
                       "engine_ms_per_request": 1e3 * d["engine_s"] / max(d["scored"], 1),
                       "queue_wait_ms": 1e3 * d["queue_wait_s"] / max(d["scored"], 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="runs/embedded/forge/checkpoint")
-    ap.add_argument("--table", default="runs/embedded/data/questions.parquet")
-    ap.add_argument("--groups", type=int, default=16)
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3, help="1-caller/2-caller runs (medians)")
-    ap.add_argument("--actor-cpus", type=int, default=2,
-                    help="CPUs of the scorer actor (Ray sets its thread count to this); the "
-                         "default, both of the embedded machine's cores, is what (b) and (c) use")
-    ap.add_argument("--json")
-    args = ap.parse_args()
-
-    import ray
-
+def measure_pool(args, mk, actors: int, cpus: int) -> dict[str, Any]:
+    """(a) and the 1-vs-2-caller runs for one pool layout: `actors` scorer actors of `cpus`
+    CPUs each, pinned to their own cores when they fit the machine."""
     from refocus_ray.reward_pool import RewardPool
-    from refocus_ray.scoring import ReferenceConfig, TransformersBackend, VLLMBackend
+    from refocus_ray.scoring import ReferenceConfig
 
-    ray.init(address="local", num_cpus=max(2, args.actor_cpus), include_dashboard=False,
-             log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="ray_reward_bench_"))  # never another's cluster
-    cfg = ReferenceConfig(model=args.model, max_model_len=2048, pool_name="bench-scorer",
-                          num_cpus_per_actor=args.actor_cpus)
-    mk = lambda seed, off: workload(Path(args.table), args.groups, args.group_size, args.k,
-                                    seed, off)
-    res: dict[str, float | list[float]] = {}
+    cores = list(range(actors * cpus)) if actors * cpus <= (os.cpu_count() or 1) else []
+    cfg = ReferenceConfig(model=args.model, max_model_len=2048, pool_name=f"bench-{actors}x{cpus}",
+                          num_actors=actors, num_cpus_per_actor=cpus,
+                          cpu_cores=cores if actors > 1 else [])  # fmt: skip
+    res: dict[str, Any] = {}
     pool = RewardPool.start(cfg)
-    pool.score(mk(99, 0)[0])  # warm-up
+    pool.score([r for g in mk(99, 0) for r in g])  # warm-up, every actor
     # decode every workload's frames up front: the comparison is the engine, not decord
     caller_seeds = range(10, 10 + 2 * args.repeats)
-    ray.get([pool.actors[0].prefetch.remote([r for g in mk(s, 0) for r in g])
-             for s in (1, *caller_seeds)])  # fmt: skip
-    before = pool.stats()[0]
+    for s in (1, *caller_seeds):
+        pool.prefetch([r for g in mk(s, 0) for r in g])
+    before = _totals(pool)
     batch = [r for g in mk(1, 0) for r in g]
     t = time.perf_counter()
     pool.score(batch)
     res["subsets_per_s_pool"] = len(batch) / (time.perf_counter() - t)
-    after = pool.stats()[0]
-    calls = after["engine_calls"] - before["engine_calls"]
-    res["mean_batch_size"] = len(batch) / max(calls, 1)
+    after = _totals(pool)
+    res["mean_batch_size"] = len(batch) / max(after["engine_calls"] - before["engine_calls"], 1)
     res["engine_ms_per_request_all_in_flight"] = (
         1e3 * (after["engine_s"] - before["engine_s"]) / len(batch))
     runs: dict[int, list] = {1: [], 2: []}
@@ -132,7 +125,44 @@ def main() -> None:
             res[f"{k}_{name}"] = statistics.median(split[k] for _, split in runs[callers])
     pairs = [b / a for (a, _), (b, _) in zip(runs[1], runs[2])]
     res["ratio_two_callers_vs_one_runs"] = pairs
+    res["ratio_two_callers_vs_one"] = statistics.median(pairs)
+    # one engine: two callers can gain only what a bigger engine batch saves per request
+    res["ratio_two_callers_ceiling"] = min(actors, 2) * (
+        res["engine_ms_per_request_1_caller"] / res["engine_ms_per_request_2_callers"])
     pool.shutdown()
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/embedded/forge/checkpoint")
+    ap.add_argument("--table", default="runs/embedded/data/questions.parquet")
+    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="1-caller/2-caller runs (medians)")
+    ap.add_argument("--layouts", default="2x1,1x2",
+                    help="pool layouts to measure, ACTORSxCPUS each, the first the headline: "
+                         "2x1 = two scorer actors of one core each, 1x2 = one actor on both "
+                         "cores (Ray sets an actor's thread count to its CPUs); both use the two "
+                         "cores (b) and (c) run on")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import ray
+
+    from refocus_ray.scoring import ReferenceConfig, TransformersBackend, VLLMBackend
+
+    layouts = [tuple(int(x) for x in lay.split("x")) for lay in args.layouts.split(",")]
+    ray.init(address="local", num_cpus=max(2, *(a * c for a, c in layouts)),
+             include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="ray_reward_bench_"))  # never another's cluster
+    cfg = ReferenceConfig(model=args.model, max_model_len=2048)
+    mk = lambda seed, off: workload(Path(args.table), args.groups, args.group_size, args.k,
+                                    seed, off)
+    res: dict[str, Any] = {"layouts": {f"{a}x{c}": measure_pool(args, mk, a, c)
+                                       for a, c in layouts}}
+    res.update(res["layouts"][args.layouts.split(",")[0]])  # the first layout is the headline
     ray.shutdown()
 
     tf = TransformersBackend(cfg)
@@ -163,29 +193,31 @@ def main() -> None:
     res["subsets_per_s_generate_parse"] = len(prompts) / (time.perf_counter() - t)
     res["generate_parse_unparsed_fraction"] = float(np.mean([p < 0 for p in parsed]))
 
-    res["ratio_pool_vs_sequential"] = res["subsets_per_s_pool"] / res["subsets_per_s_transformers"]
-    res["ratio_pool_vs_generate"] = res["subsets_per_s_pool"] / res["subsets_per_s_generate_parse"]
-    res["ratio_two_callers_vs_one"] = statistics.median(pairs)
-    res["ratio_two_callers_ceiling"] = (
-        res["engine_ms_per_request_1_caller"] / res["engine_ms_per_request_2_callers"])
+    for lay in res["layouts"].values():
+        lay["ratio_pool_vs_sequential"] = lay["subsets_per_s_pool"] / res["subsets_per_s_transformers"]
+        lay["ratio_pool_vs_generate"] = lay["subsets_per_s_pool"] / res["subsets_per_s_generate_parse"]
+    res.update({k: v for k, v in res["layouts"][args.layouts.split(",")[0]].items()
+                if k.startswith("ratio_pool")})
     w = args.groups * args.group_size
     print(f"workload: {args.groups} groups x {args.group_size} subsets of K={args.k} ({w})")
-    print(f"(a) reward pool, all in flight     {res['subsets_per_s_pool']:8.1f} subsets/s "
-          f"(mean engine batch {res['mean_batch_size']:.1f})")
     print(f"(b) transformers, one per call     {res['subsets_per_s_transformers']:8.1f} subsets/s")
     print(f"(c) vLLM generate-then-parse       {res['subsets_per_s_generate_parse']:8.1f} subsets/s")
-    print(f"pool, 1 caller / 2 callers         {res['subsets_per_s_pool_1_caller']:8.1f} / "
-          f"{res['subsets_per_s_pool_2_callers']:.1f} subsets/s (medians of {args.repeats})")
-    for name in ("1_caller", "2_callers"):
-        print(f"  {name:9s}: engine busy {res['engine_busy_' + name]:.0%}, mean batch "
-              f"{res['mean_batch_' + name]:.1f}, engine {res['engine_ms_per_request_' + name]:.1f}"
-              f" ms/request, queue wait {res['queue_wait_ms_' + name]:.1f} ms/request")
-    print(f"  all in flight: engine {res['engine_ms_per_request_all_in_flight']:.1f} ms/request")
-    print(f"a/b = {res['ratio_pool_vs_sequential']:.2f}x (goal >= 2)   "
-          f"a/c = {res['ratio_pool_vs_generate']:.2f}x   "
-          f"2 callers / 1 = {res['ratio_two_callers_vs_one']:.2f}x (goal >= 1.5; runs "
-          f"{', '.join(f'{r:.2f}' for r in pairs)}; engine-bound ceiling "
-          f"{res['ratio_two_callers_ceiling']:.2f}x)")
+    for name, lay in res["layouts"].items():
+        a, c = name.split("x")
+        print(f"(a) reward pool, {a} actor(s) x {c} CPU(s), all in flight {lay['subsets_per_s_pool']:8.1f}"
+              f" subsets/s (mean engine batch {lay['mean_batch_size']:.1f}, engine "
+              f"{lay['engine_ms_per_request_all_in_flight']:.1f} ms/request)")
+        print(f"    1 caller / 2 callers           {lay['subsets_per_s_pool_1_caller']:8.1f} / "
+              f"{lay['subsets_per_s_pool_2_callers']:.1f} subsets/s (medians of {args.repeats})")
+        for who in ("1_caller", "2_callers"):
+            print(f"    {who:9s}: engine busy {lay['engine_busy_' + who]:.0%}, mean batch "
+                  f"{lay['mean_batch_' + who]:.1f}, engine {lay['engine_ms_per_request_' + who]:.1f}"
+                  f" ms/request, queue wait {lay['queue_wait_ms_' + who]:.1f} ms/request")
+        print(f"    a/b = {lay['ratio_pool_vs_sequential']:.2f}x (goal >= 2)   "
+              f"a/c = {lay['ratio_pool_vs_generate']:.2f}x   "
+              f"2 callers / 1 = {lay['ratio_two_callers_vs_one']:.2f}x (goal >= 1.5; runs "
+              f"{', '.join(f'{r:.2f}' for r in lay['ratio_two_callers_vs_one_runs'])}; "
+              f"engine-bound ceiling {lay['ratio_two_callers_ceiling']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -292,16 +292,26 @@ class RewardPool:
     def attach(cls, cfg: ReferenceConfig) -> RewardPool:
         return cls([ray.get_actor(cls._name(cfg, i)) for i in range(cfg.num_actors)], cfg)
 
-    def submit(self, requests: list[ScoreRequest]) -> list[ray.ObjectRef]:
-        """Send requests (routed by video) without waiting; returns one ref per actor used,
-        see `gather`."""
+    def route(self, requests: list[ScoreRequest]) -> dict[int, list[int]]:
+        """actor index -> positions of the requests it owns (by a hash of the video)."""
         by_actor: dict[int, list[int]] = {}
         for i, req in enumerate(requests):
             a = int(hashlib.sha256(req.video.encode()).hexdigest()[:8], 16) % len(self.actors)
             by_actor.setdefault(a, []).append(i)
+        return by_actor
+
+    def submit(self, requests: list[ScoreRequest]) -> list[ray.ObjectRef]:
+        """Send requests (routed by video) without waiting; returns one ref per actor used,
+        see `gather`."""
         caller = f"{self.client}:{threading.get_ident()}"
         return [(idx, self.actors[a].score.remote([requests[i] for i in idx], caller))
-                for a, idx in by_actor.items()]
+                for a, idx in self.route(requests).items()]
+
+    def prefetch(self, requests: list[ScoreRequest]) -> int:
+        """Decode the requests' frames in the actors that will score them (see
+        `ScorerActor.prefetch`)."""
+        return sum(ray.get([self.actors[a].prefetch.remote([requests[i] for i in idx])
+                            for a, idx in self.route(requests).items()]))
 
     @staticmethod
     def gather(pending, n: int, timeout_s: float | None = None) -> list[list[float]]:

@@ -62,6 +62,14 @@ def test_scores_are_finite_and_cached(pool, clip_dir):
     assert round(hits) == 4
 
 
+def test_prefetch_decodes_in_the_actor_that_scores(pool, clip_dir):
+    reqs = _requests(clip_dir, 3, offset=5, step=11)  # frames no other test asks for
+    before = pool.stats()[0]["frames_decoded"]
+    assert pool.prefetch(reqs) == 3
+    pool.score(reqs)
+    assert pool.stats()[0]["frames_decoded"] == before  # scoring decoded nothing more
+
+
 def test_concurrent_callers_are_batched(pool, clip_dir):
     before = pool.stats()[0]
     results = {}
