@@ -20,7 +20,7 @@ batch, engine ms per request, queue wait. On one engine, two callers can beat on
 on two engines by twice that, when the callers' videos route to different actors.
 Goals on 2 cores: a/b >= 2; 2 callers >= 1.5x one. a/c is reported without a goal (one
 prefill is about calibrated scores for every option, not speed). The JSON's top-level pool
-figures are the first layout's; every layout's are under "layouts". ~2 min at load 2.
+figures are the first layout's; every layout's are under "layouts". ~3 min on 2 idle cores.
 """
 
 from __future__ import annotations
