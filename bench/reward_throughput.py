@@ -174,7 +174,6 @@ def main() -> None:
              include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray_reward_bench_"))  # never another's cluster
     res["layouts"] = {f"{a}x{c}": measure_pool(args, mk, a, c) for a, c in layouts}
-    res.update(res["layouts"][args.layouts.split(",")[0]])  # the first layout is the headline
     ray.shutdown()
 
     from vllm import SamplingParams
@@ -197,8 +196,7 @@ def main() -> None:
     for lay in res["layouts"].values():
         lay["ratio_pool_vs_sequential"] = lay["subsets_per_s_pool"] / res["subsets_per_s_transformers"]
         lay["ratio_pool_vs_generate"] = lay["subsets_per_s_pool"] / res["subsets_per_s_generate_parse"]
-    res.update({k: v for k, v in res["layouts"][args.layouts.split(",")[0]].items()
-                if k.startswith("ratio_pool")})
+    res.update(next(iter(res["layouts"].values())))  # the first layout is the headline
     w = args.groups * args.group_size
     print(f"workload: {args.groups} groups x {args.group_size} subsets of K={args.k} ({w})")
     print(f"(b) transformers, one per call     {res['subsets_per_s_transformers']:8.1f} subsets/s")
