@@ -9,7 +9,10 @@ Workload: 16 GRPO groups of 8 random chronological subsets of K = 8 frames from 
   (a) the reward pool (vLLM scorer actors, micro-batching), all groups in flight at once, for
       each pool layout of `--layouts`: by default two actors of one core each (2x1: on a CPU
       machine an engine per core, as a cluster has one per GPU: vLLM's per-request input
-      processing is Python, one core per engine), then one actor on both cores (1x2);
+      processing is Python, one core per engine) with requests routed by load (a video's
+      group leaves its home actor only when that one is busy and the other idle), the same
+      with every group sent to its video's home actor (2x1:home), then one actor on both
+      cores (1x2);
   (b) the `transformers` backend, one subset per call under inference_mode (both cores);
   (c) vLLM generate-then-parse: up to 4 generated tokens per subset, answer read from text;
 and, per layout, the pool with 2 concurrent callers vs 1 (each caller sends one group at a
@@ -17,10 +20,11 @@ time; runs alternate `--repeats` times on fresh subsets and the medians are repo
 machine is shared). For each, where the actors' time went: engine busy fraction, mean engine
 batch, engine ms per request, queue wait. On one engine, two callers can beat one by at most
 (engine ms/request at one caller) / (at two) while the engine is busy, as it is on a 2-core CPU;
-on two engines by twice that, when the callers' videos route to different actors.
+on two engines by twice that, when the callers' groups go to different actors (routing by
+load sends them there; by home actor only, they collide half the time).
 Goals on 2 cores: a/b >= 2; 2 callers >= 1.5x one. a/c is reported without a goal (one
 prefill is about calibrated scores for every option, not speed). The JSON's top-level pool
-figures are the first layout's; every layout's are under "layouts". ~3 min on 2 idle cores.
+figures are the first layout's; every layout's are under "layouts". ~4 min on 2 idle cores.
 """
 
 from __future__ import annotations
@@ -90,23 +94,27 @@ def run_pool(pool, groups, callers: int) -> tuple[float, dict[str, float]]:
                       "queue_wait_ms": 1e3 * d["queue_wait_s"] / max(d["scored"], 1)}
 
 
-def measure_pool(args, mk, actors: int, cpus: int) -> dict[str, Any]:
+def measure_pool(args, mk, actors: int, cpus: int, by_load: bool) -> dict[str, Any]:
     """(a) and the 1-vs-2-caller runs for one pool layout: `actors` scorer actors of `cpus`
-    CPUs each, pinned to their own cores when they fit the machine."""
+    CPUs each, pinned to their own cores when they fit the machine; requests routed by load
+    (`reference.route_by_load`) or to their video's home actor only."""
+    import ray
+
     from refocus_ray.reward_pool import RewardPool
     from refocus_ray.scoring import ReferenceConfig
 
     cores = list(range(actors * cpus)) if actors * cpus <= (os.cpu_count() or 1) else []
     cfg = ReferenceConfig(model=args.model, max_model_len=2048, pool_name=f"bench-{actors}x{cpus}",
                           num_actors=actors, num_cpus_per_actor=cpus,
-                          cpu_cores=cores if actors > 1 else [])  # fmt: skip
+                          cpu_cores=cores if actors > 1 else [], route_by_load=by_load)  # fmt: skip
     res: dict[str, Any] = {}
     pool = RewardPool.start(cfg)
     pool.score([r for g in mk(99, 0) for r in g])  # warm-up, every actor
-    # decode every workload's frames up front: the comparison is the engine, not decord
+    # decode every workload's frames up front, in every actor (routing by load may send a
+    # group away from home): the comparison is the engine, not decord
     caller_seeds = range(10, 10 + 2 * args.repeats)
     for s in (1, *caller_seeds):
-        pool.prefetch([r for g in mk(s, 0) for r in g])
+        ray.get([a.prefetch.remote([r for g in mk(s, 0) for r in g]) for a in pool.actors])
     before = _totals(pool)
     batch = [r for g in mk(1, 0) for r in g]
     t = time.perf_counter()
@@ -141,11 +149,12 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="1-caller/2-caller runs (medians)")
-    ap.add_argument("--layouts", default="2x1,1x2",
-                    help="pool layouts to measure, ACTORSxCPUS each, the first the headline: "
-                         "2x1 = two scorer actors of one core each, 1x2 = one actor on both "
-                         "cores (Ray sets an actor's thread count to its CPUs); both use the two "
-                         "cores (b) and (c) run on")
+    ap.add_argument("--layouts", default="2x1,2x1:home,1x2",
+                    help="pool layouts to measure, ACTORSxCPUS[:home] each, the first the "
+                         "headline: 2x1 = two scorer actors of one core each, 1x2 = one actor on "
+                         "both cores (Ray sets an actor's thread count to its CPUs); both use the "
+                         "two cores (b) and (c) run on. ':home' routes every request to its "
+                         "video's home actor (reference.route_by_load: false)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -169,11 +178,13 @@ def main() -> None:
     res["subsets_per_s_transformers"] = len(reqs) / (time.perf_counter() - t)
     del tf
 
-    layouts = [tuple(int(x) for x in lay.split("x")) for lay in args.layouts.split(",")]
-    ray.init(address="local", num_cpus=max(2, *(a * c for a, c in layouts)),
+    layouts = {lay: tuple(int(x) for x in lay.split(":")[0].split("x"))
+               for lay in args.layouts.split(",")}
+    ray.init(address="local", num_cpus=max(2, *(a * c for a, c in layouts.values())),
              include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="ray_reward_bench_"))  # never another's cluster
-    res["layouts"] = {f"{a}x{c}": measure_pool(args, mk, a, c) for a, c in layouts}
+    res["layouts"] = {lay: measure_pool(args, mk, a, c, not lay.endswith(":home"))
+                      for lay, (a, c) in layouts.items()}
     ray.shutdown()
 
     from vllm import SamplingParams
@@ -202,8 +213,10 @@ def main() -> None:
     print(f"(b) transformers, one per call     {res['subsets_per_s_transformers']:8.1f} subsets/s")
     print(f"(c) vLLM generate-then-parse       {res['subsets_per_s_generate_parse']:8.1f} subsets/s")
     for name, lay in res["layouts"].items():
-        a, c = name.split("x")
-        print(f"(a) reward pool, {a} actor(s) x {c} CPU(s), all in flight {lay['subsets_per_s_pool']:8.1f}"
+        a, c = name.split(":")[0].split("x")
+        how = "home actor only" if name.endswith(":home") else "by load"
+        print(f"(a) reward pool, {a} actor(s) x {c} CPU(s), routed {how}, all in flight "
+              f"{lay['subsets_per_s_pool']:8.1f}"
               f" subsets/s (mean engine batch {lay['mean_batch_size']:.1f}, engine "
               f"{lay['engine_ms_per_request_all_in_flight']:.1f} ms/request)")
         print(f"    1 caller / 2 callers           {lay['subsets_per_s_pool_1_caller']:8.1f} / "

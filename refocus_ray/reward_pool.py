@@ -1,9 +1,11 @@
 """The reward pool: scorer actors that every env runner calls, batched, cached and restartable.
 
 Controller/worker split: `RewardPool` (the client, used by env runners, evaluation and the
-driver) routes each request to an actor by a hash of its video, so identical requests meet
-the same actor's cache and a GRPO group (G requests on one video) stays in one engine batch and
-has its frames decoded once; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
+driver) sends each video's requests to its home actor (a hash of the video), so identical
+requests meet the same actor's cache and a GRPO group (G requests on one video) stays in one
+engine batch and has its frames decoded once, unless the home actor is busy while another has
+nothing to do (`reference.route_by_load`): then an engine would idle, which costs more than a
+cache miss; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
 GPU or, here, on pinned CPU cores) and micro-batches: requests from all callers queue up while
 the engine runs, and the next engine call takes all of them (up to `max_batch`). A caller
 answered less than `max_wait_ms` ago is expected back: the next engine call waits for it (at
@@ -88,6 +90,7 @@ class ScorerActor:
         self.arrived: dict[str, float] = {}  # key -> when it was queued (queue-wait stats)
         self.owner: dict[str, str] = {}  # queued key -> the caller that sent it
         self.answered: dict[str, float] = {}  # caller -> when its last batch was answered
+        self.running = 0  # requests in the engine call under way
         self.wake: asyncio.Event | None = None
         self.executor = ThreadPoolExecutor(max_workers=1)
         self.stats = _Stats()
@@ -139,7 +142,11 @@ class ScorerActor:
             batch, self.queue = self.queue[: self.cfg.max_batch], self.queue[self.cfg.max_batch:]
             now = time.perf_counter()
             self.stats.queue_wait_s += sum(now - self.arrived.pop(k, now) for k, _ in batch)
-            results = await loop.run_in_executor(self.executor, self._score_batch, batch)
+            self.running = len(batch)
+            try:
+                results = await loop.run_in_executor(self.executor, self._score_batch, batch)
+            finally:
+                self.running = 0
             self.stats.batches += 1
             self.stats.batched_requests += len(batch)
             now = time.perf_counter()
@@ -196,6 +203,10 @@ class ScorerActor:
             except Exception as e:  # noqa: BLE001 -- the caller of this request hears why
                 out.append(e)
         return out
+
+    async def load(self) -> int:
+        """Requests queued or in the engine, from every caller (what `RewardPool.route` balances)."""
+        return len(self.queue) + self.running
 
     def prefetch(self, requests: list[ScoreRequest]) -> int:
         """Decode the frames of `requests` into the backend's frame store without scoring
@@ -266,6 +277,8 @@ class RewardPool:
                  group: Any = None) -> None:
         self.actors, self.cfg, self.group = actors, cfg, group
         self.client = ray.get_runtime_context().get_worker_id()  # + thread: one caller
+        self.lock = threading.Lock()  # threads of this process route and submit one at a time
+        self.sent: list[tuple[int, int, ray.ObjectRef]] = []  # (actor, requests, ref) unanswered
         self.model_id = ray.get(actors[0].ready.remote())["model_id"]
 
     @staticmethod
@@ -292,26 +305,68 @@ class RewardPool:
     def attach(cls, cfg: ReferenceConfig) -> RewardPool:
         return cls([ray.get_actor(cls._name(cfg, i)) for i in range(cfg.num_actors)], cfg)
 
-    def route(self, requests: list[ScoreRequest]) -> dict[int, list[int]]:
-        """actor index -> positions of the requests it owns (by a hash of the video)."""
-        by_actor: dict[int, list[int]] = {}
+    def home(self, video: str) -> int:
+        """The actor a video's requests go to when it is not busy (a stable hash)."""
+        return int(hashlib.sha256(video.encode()).hexdigest()[:8], 16) % len(self.actors)
+
+    def loads(self) -> list[int]:
+        """Requests each actor has queued or in its engine: what the actors report (every
+        caller's), and at least what this client has sent and not yet been answered (a request
+        sent a moment ago may not have reached its actor)."""
+        with_refs = [ref for _, _, ref in self.sent]
+        done, _ = ray.wait(with_refs, num_returns=len(with_refs), timeout=0) if with_refs else ([], [])
+        done = set(done)
+        self.sent = [s for s in self.sent if s[2] not in done]
+        mine = [0] * len(self.actors)
+        for a, n, _ in self.sent:
+            mine[a] += n
+        try:  # an actor restarting answers late: balance on what this client knows
+            theirs = ray.get([a.load.remote() for a in self.actors], timeout=1.0)
+        except ray.exceptions.GetTimeoutError:
+            theirs = mine
+        return [max(x, y) for x, y in zip(mine, theirs)]
+
+    def route(self, requests: list[ScoreRequest], by_load: bool | None = None) -> dict[int, list[int]]:
+        """actor index -> positions of the requests it is sent.
+
+        A video's requests go together to its `home` actor unless that actor is busy and another
+        has nothing queued or running (`reference.route_by_load`, or `by_load`): the idle one
+        takes them. Work-conserving with affinity: an engine never idles while another has a
+        queue, and a video leaves home (its cache and decoded frames) only to fill an idle one.
+        """
+        videos: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
-            a = int(hashlib.sha256(req.video.encode()).hexdigest()[:8], 16) % len(self.actors)
-            by_actor.setdefault(a, []).append(i)
+            videos.setdefault(req.video, []).append(i)
+        by_load = self.cfg.route_by_load if by_load is None else by_load
+        load = self.loads() if by_load and len(self.actors) > 1 else None
+        by_actor: dict[int, list[int]] = {}
+        for video, idx in videos.items():
+            a = self.home(video)
+            if load is not None:
+                if load[a] > 0 and min(load) == 0:
+                    a = load.index(0)
+                load[a] += len(idx)
+            by_actor.setdefault(a, []).extend(idx)
         return by_actor
 
     def submit(self, requests: list[ScoreRequest]) -> list[ray.ObjectRef]:
-        """Send requests (routed by video) without waiting; returns one ref per actor used,
-        see `gather`."""
+        """Send requests (see `route`) without waiting; returns one ref per actor used, see
+        `gather`."""
         caller = f"{self.client}:{threading.get_ident()}"
-        return [(idx, self.actors[a].score.remote([requests[i] for i in idx], caller))
-                for a, idx in self.route(requests).items()]
+        out = []
+        with self.lock:
+            for a, idx in self.route(requests).items():
+                ref = self.actors[a].score.remote([requests[i] for i in idx], caller)
+                if self.cfg.route_by_load:
+                    self.sent.append((a, len(idx), ref))
+                out.append((idx, ref))
+        return out
 
     def prefetch(self, requests: list[ScoreRequest]) -> int:
-        """Decode the requests' frames in the actors that will score them (see
-        `ScorerActor.prefetch`)."""
+        """Decode the requests' frames in their home actors, which score them when not busy
+        (see `ScorerActor.prefetch`)."""
         return sum(ray.get([self.actors[a].prefetch.remote([requests[i] for i in idx])
-                            for a, idx in self.route(requests).items()]))
+                            for a, idx in self.route(requests, by_load=False).items()]))
 
     @staticmethod
     def gather(pending, n: int, timeout_s: float | None = None) -> list[list[float]]:
