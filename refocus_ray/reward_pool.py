@@ -3,9 +3,9 @@
 Controller/worker split: `RewardPool` (the client, used by env runners, evaluation and the
 driver) sends each video's requests to its home actor (a hash of the video), so identical
 requests meet the same actor's cache and a GRPO group (G requests on one video) stays in one
-engine batch and has its frames decoded once, unless the home actor is busy while another has
-nothing to do (`reference.route_by_load`): then an engine would idle, which costs more than a
-cache miss; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
+engine batch and has its frames decoded once, unless the home actor is a group behind the
+least-loaded one (`reference.route_by_load`): then an engine would idle while another has a
+queue, which costs more than a cache miss; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
 GPU or, here, on pinned CPU cores) and micro-batches: requests from all callers queue up while
 the engine runs, and the next engine call takes all of them (up to `max_batch`). A caller
 answered less than `max_wait_ms` ago is expected back: the next engine call waits for it (at
@@ -329,10 +329,11 @@ class RewardPool:
     def route(self, requests: list[ScoreRequest], by_load: bool | None = None) -> dict[int, list[int]]:
         """actor index -> positions of the requests it is sent.
 
-        A video's requests go together to its `home` actor unless that actor is busy and another
-        has nothing queued or running (`reference.route_by_load`, or `by_load`): the idle one
-        takes them. Work-conserving with affinity: an engine never idles while another has a
-        queue, and a video leaves home (its cache and decoded frames) only to fill an idle one.
+        A video's n requests (a GRPO group) go together to its `home` actor unless that actor
+        already has n more requests queued or running than the least-loaded one
+        (`reference.route_by_load`, or `by_load`); then that one takes them. Affinity with a
+        bounded imbalance: an engine does not idle while another has a group waiting, and a
+        video leaves home (its cache and decoded frames) only when home is a group behind.
         """
         videos: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
@@ -343,8 +344,8 @@ class RewardPool:
         for video, idx in videos.items():
             a = self.home(video)
             if load is not None:
-                if load[a] > 0 and min(load) == 0:
-                    a = load.index(0)
+                if load[a] >= min(load) + len(idx):
+                    a = load.index(min(load))
                 load[a] += len(idx)
             by_actor.setdefault(a, []).extend(idx)
         return by_actor

@@ -45,8 +45,8 @@ class ReferenceConfig:
     cpu_cores: list[int] = field(default_factory=list)  # pin the engine's threads (2-core boxes)
     max_batch: int = 64
     max_wait_ms: float = 20.0  # wait this long for other callers' requests to join a batch
-    # a video's requests go to its home actor (cache, decoded frames) unless that one is busy
-    # and another idle (RewardPool.route)
+    # a video's requests go to its home actor (cache, decoded frames) unless that one has a
+    # group more queued than the least-loaded actor (RewardPool.route)
     route_by_load: bool = True
     # a call unanswered this long is an error, not a hang (a restart after losing a node took
     # up to ~145 s here; docs/reliability.md)
