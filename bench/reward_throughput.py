@@ -115,6 +115,13 @@ def measure_pool(args, mk, actors: int, cpus: int, by_load: bool) -> dict[str, A
     caller_seeds = range(10, 10 + 2 * args.repeats)
     for s in (1, *caller_seeds):
         ray.get([a.prefetch.remote([r for g in mk(s, 0) for r in g]) for a in pool.actors])
+    if pool.balancing:  # what routing by load adds to every call: asking the actors
+        probe = []
+        for _ in range(100):
+            t = time.perf_counter()
+            pool.loads()
+            probe.append(1e3 * (time.perf_counter() - t))
+        res["route_probe_ms"] = statistics.median(probe)
     before = _totals(pool)
     batch = [r for g in mk(1, 0) for r in g]
     t = time.perf_counter()
@@ -219,6 +226,8 @@ def main() -> None:
               f"{lay['subsets_per_s_pool']:8.1f}"
               f" subsets/s (mean engine batch {lay['mean_batch_size']:.1f}, engine "
               f"{lay['engine_ms_per_request_all_in_flight']:.1f} ms/request)")
+        if "route_probe_ms" in lay:
+            print(f"    asking the actors their load   {lay['route_probe_ms']:8.2f} ms per call (median)")
         print(f"    1 caller / 2 callers           {lay['subsets_per_s_pool_1_caller']:8.1f} / "
               f"{lay['subsets_per_s_pool_2_callers']:.1f} subsets/s (medians of {args.repeats})")
         for who in ("1_caller", "2_callers"):

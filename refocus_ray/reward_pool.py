@@ -279,6 +279,7 @@ class RewardPool:
         self.client = ray.get_runtime_context().get_worker_id()  # + thread: one caller
         self.lock = threading.Lock()  # threads of this process route and submit one at a time
         self.sent: list[tuple[int, int, ray.ObjectRef]] = []  # (actor, requests, ref) unanswered
+        self.balancing = cfg.route_by_load and len(actors) > 1
         self.model_id = ray.get(actors[0].ready.remote())["model_id"]
 
     @staticmethod
@@ -306,7 +307,7 @@ class RewardPool:
         return cls([ray.get_actor(cls._name(cfg, i)) for i in range(cfg.num_actors)], cfg)
 
     def home(self, video: str) -> int:
-        """The actor a video's requests go to when it is not busy (a stable hash)."""
+        """The actor a video's requests go to unless it is a group ahead (a stable hash)."""
         return int(hashlib.sha256(video.encode()).hexdigest()[:8], 16) % len(self.actors)
 
     def loads(self) -> list[int]:
@@ -338,8 +339,8 @@ class RewardPool:
         videos: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
             videos.setdefault(req.video, []).append(i)
-        by_load = self.cfg.route_by_load if by_load is None else by_load
-        load = self.loads() if by_load and len(self.actors) > 1 else None
+        by_load = self.balancing if by_load is None else by_load and len(self.actors) > 1
+        load = self.loads() if by_load else None
         by_actor: dict[int, list[int]] = {}
         for video, idx in videos.items():
             a = self.home(video)
@@ -358,14 +359,14 @@ class RewardPool:
         with self.lock:
             for a, idx in self.route(requests).items():
                 ref = self.actors[a].score.remote([requests[i] for i in idx], caller)
-                if self.cfg.route_by_load:
+                if self.balancing:  # pruned by `loads`, so only kept when it is called
                     self.sent.append((a, len(idx), ref))
                 out.append((idx, ref))
         return out
 
     def prefetch(self, requests: list[ScoreRequest]) -> int:
-        """Decode the requests' frames in their home actors, which score them when not busy
-        (see `ScorerActor.prefetch`)."""
+        """Decode the requests' frames in their home actors, which score them unless they are
+        a group ahead (see `ScorerActor.prefetch`)."""
         return sum(ray.get([self.actors[a].prefetch.remote([requests[i] for i in idx])
                             for a, idx in self.route(requests, by_load=False).items()]))
 

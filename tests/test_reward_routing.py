@@ -103,6 +103,20 @@ def test_another_client_sees_the_load_the_actors_report(pool, clip_dir):
     RewardPool.gather(pending, 64)
 
 
+def test_a_client_holds_no_answered_call(pool, clip_dir):
+    """The client remembers its unanswered calls (their results stay pinned in the object store
+    while it does): answered ones are dropped, and a client that does not balance (one actor,
+    as the embedded training's, or routing by home only) keeps none."""
+    pool.score(_group(clip_dir / "mid.mp4", 4, 600))
+    pool.loads()
+    assert pool.sent == []
+    for client in (RewardPool(pool.actors[:1], pool.cfg),
+                   RewardPool(pool.actors, replace(pool.cfg, route_by_load=False))):
+        for i in range(3):
+            client.score(_group(clip_dir / "mid.mp4", 4, 700 + 10 * i))
+        assert client.sent == []
+
+
 def test_a_split_call_answers_every_request_in_its_place(pool, clip_dir):
     """One call of two groups whose videos share a home: the second group finds home a group
     ahead of the other actor and goes there, and every answer comes back at its request's
