@@ -221,8 +221,8 @@ def main() -> None:
     print(f"(c) vLLM generate-then-parse       {res['subsets_per_s_generate_parse']:8.1f} subsets/s")
     for name, lay in res["layouts"].items():
         a, c = name.split(":")[0].split("x")
-        how = "home actor only" if name.endswith(":home") else "by load"
-        print(f"(a) reward pool, {a} actor(s) x {c} CPU(s), routed {how}, all in flight "
+        how = ", routed home actor only" if name.endswith(":home") else ", routed by load"
+        print(f"(a) reward pool, {a} actor(s) x {c} CPU(s){how if a != '1' else ''}, all in flight "
               f"{lay['subsets_per_s_pool']:8.1f}"
               f" subsets/s (mean engine batch {lay['mean_batch_size']:.1f}, engine "
               f"{lay['engine_ms_per_request_all_in_flight']:.1f} ms/request)")
