@@ -127,3 +127,29 @@ def test_a_split_call_answers_every_request_in_its_place(pool, clip_dir):
     home = pool.home(str(v))
     assert pool.route(mixed) == {home: [0, 2, 4], 1 - home: [1, 3, 5]}
     np.testing.assert_allclose(pool.score(mixed), alone, atol=1e-4)
+
+
+@ray.remote
+class SilentLoadFault:
+    """Injected fault: a scorer actor that is alive but never answers how loaded it is."""
+
+    def ready(self) -> dict:
+        return {"model_id": "silent-load-fault"}
+
+    def load(self) -> int:
+        time.sleep(3600)
+        return 0
+
+
+def test_an_actor_silent_about_its_load_costs_a_second_not_a_hang(pool, clip_dir):
+    """A restarting or stuck actor does not answer the load probe: the client waits 1 s, then
+    routes on its own count of unanswered calls."""
+    silent = SilentLoadFault.remote()
+    group = _group(clip_dir / "mid.mp4", 4, 900)
+    home = pool.home(group[0].video)  # the real actor goes there, the silent one beside it
+    client = RewardPool([pool.actors[0], silent][:: 1 - 2 * home], pool.cfg)
+    t0 = time.monotonic()
+    z = client.score(group)  # home: the real actor
+    assert 1.0 <= time.monotonic() - t0 < 30
+    np.testing.assert_allclose(z, ray.get(pool.actors[0].score.remote(group)), atol=1e-4)
+    ray.kill(silent)
