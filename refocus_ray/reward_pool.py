@@ -397,6 +397,24 @@ class RewardPool:
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([a.get_stats.remote() for a in self.actors])
 
+    def metrics(self) -> dict[str, float]:
+        """The pool's figures over its actors (each counts since its last start): requests,
+        requests/s, mean engine batch, cache hit rate, p50/p95 latency (the slowest actor's)
+        and restarts (Ray's count, summed)."""
+        from ray._private.state import actors  # the GCS actor table; Ray's public state API
+        # needs the dashboard, which jobs here run without
+
+        stats = self.stats()
+        n = sum(s["requests"] for s in stats)
+        return {
+            "requests": n, "requests_per_s": sum(s["requests_per_s"] for s in stats),
+            "mean_batch_size": sum(s["scored"] for s in stats)
+            / max(sum(s["engine_calls"] for s in stats), 1),
+            "cache_hit_rate": sum(s["cache_hit_rate"] * s["requests"] for s in stats) / max(n, 1),
+            "p50_ms": max(s["p50_ms"] for s in stats), "p95_ms": max(s["p95_ms"] for s in stats),
+            "restarts": sum(int(actors(a._actor_id.hex())["NumRestarts"]) for a in self.actors),
+        }
+
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a, no_restart=True)

@@ -332,6 +332,9 @@ def train(cfg: Config, resume: bool = False, scorer: Any = None, log=print) -> P
                 t0 = time.perf_counter()
                 row = metrics_row(algo.train())
                 row["time_iteration_s"] = round(time.perf_counter() - t0, 4)
+                if hasattr(client, "metrics"):  # the reward pool's, since its actors started
+                    row.update({f"reward_pool_{k}": round(v, 4)
+                                for k, v in client.metrics().items()})
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 it = row["iteration"]

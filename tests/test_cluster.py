@@ -231,6 +231,7 @@ def test_losing_the_reward_node_mid_training(cluster, reward_pool, run_cfg, tmp_
     # the actor lives on the other reward node now, restarted by Ray
     assert not psutil.pid_exists(fault.before["pid"])
     assert fault.after["restarted"] and new_home in ("reward-1", "reward-2") and new_home != home
+    assert reward_pool.metrics()["restarts"] >= 1  # what a pool-driven run logs per iteration
     # the requests in flight when the node died reached the new actor once each, were answered
     assert fault.inflight == episodes and fault.retried == episodes
     # no episode silently dropped or scored twice
@@ -412,5 +413,9 @@ def test_killed_driver_resumes_from_its_last_checkpoint(cluster, plumbing_refere
           f"engine start)")
     assert f"resumed at iteration {last}" in log
     assert [r["iteration"] for r in rows] == list(range(1, iterations + 1))
+    # each iteration logs the reward pool's figures (the resumed run's pool counts anew)
+    assert all(r["reward_pool_requests"] > 0 and r["reward_pool_restarts"] == 0
+               and 0 <= r["reward_pool_cache_hit_rate"] <= 1 and r["reward_pool_p95_ms"] > 0
+               for r in rows)
     assert (run / "train" / "policy" / "model.safetensors").exists()
     assert (run / "train" / "heldout.json").exists()

@@ -60,6 +60,10 @@ def test_scores_are_finite_and_cached(pool, clip_dir):
     assert z2 == z1
     hits = after["cache_hit_rate"] * after["requests"] - before["cache_hit_rate"] * before["requests"]
     assert round(hits) == 4
+    m = pool.metrics()  # what training logs each iteration (reward_pool_* in metrics.jsonl)
+    assert m["requests"] == after["requests"] and m["restarts"] == 0
+    assert m["cache_hit_rate"] == pytest.approx(after["cache_hit_rate"])
+    assert 0 < m["p50_ms"] <= m["p95_ms"] and m["mean_batch_size"] >= 1
 
 
 def test_prefetch_decodes_in_the_actor_that_scores(pool, clip_dir):
@@ -98,6 +102,7 @@ def test_killed_actor_restarts_and_every_request_is_answered(pool, clip_dir):
     assert len(z) == 96 and all(len(v) == 4 for v in z)
     new = ray.get(pool.actors[0].ready.remote())
     assert new["pid"] != old["pid"] and new["restarted"]
+    assert pool.metrics()["restarts"] == 1
     # the call in flight was retried on the new actor, not answered by the old one
     assert pool.stats()[0]["requests"] >= len(reqs)
     assert not psutil.pid_exists(old["pid"]) or psutil.Process(old["pid"]).status() == "zombie"
