@@ -10,7 +10,7 @@ Workload: 16 GRPO groups of 8 random chronological subsets of K = 8 frames from 
       each pool layout of `--layouts`: by default two actors of one core each (2x1: on a CPU
       machine an engine per core, as a cluster has one per GPU: vLLM's per-request input
       processing is Python, one core per engine) with requests routed by load (a video's
-      group leaves its home actor only when that one is busy and the other idle), the same
+      group leaves its home actor when that one is a group ahead of the other), the same
       with every group sent to its video's home actor (2x1:home), then one actor on both
       cores (1x2);
   (b) the `transformers` backend, one subset per call under inference_mode (both cores);

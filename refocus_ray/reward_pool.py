@@ -3,7 +3,7 @@
 Controller/worker split: `RewardPool` (the client, used by env runners, evaluation and the
 driver) sends each video's requests to its home actor (a hash of the video), so identical
 requests meet the same actor's cache and a GRPO group (G requests on one video) stays in one
-engine batch and has its frames decoded once, unless the home actor is a group behind the
+engine batch and has its frames decoded once, unless the home actor is a group ahead of the
 least-loaded one (`reference.route_by_load`): then an engine would idle while another has a
 queue, which costs more than a cache miss; `ScorerActor` (the worker) owns one backend (a vLLM engine on a
 GPU or, here, on pinned CPU cores) and micro-batches: requests from all callers queue up while
@@ -314,10 +314,10 @@ class RewardPool:
         """Requests each actor has queued or in its engine: what the actors report (every
         caller's), and at least what this client has sent and not yet been answered (a request
         sent a moment ago may not have reached its actor)."""
-        with_refs = [ref for _, _, ref in self.sent]
-        done, _ = ray.wait(with_refs, num_returns=len(with_refs), timeout=0) if with_refs else ([], [])
-        done = set(done)
-        self.sent = [s for s in self.sent if s[2] not in done]
+        if self.sent:  # forget the answered calls
+            refs = [ref for _, _, ref in self.sent]
+            _, unanswered = ray.wait(refs, num_returns=len(refs), timeout=0)
+            self.sent = [s for s in self.sent if s[2] in set(unanswered)]
         mine = [0] * len(self.actors)
         for a, n, _ in self.sent:
             mine[a] += n
@@ -334,7 +334,7 @@ class RewardPool:
         already has n more requests queued or running than the least-loaded one
         (`reference.route_by_load`, or `by_load`); then that one takes them. Affinity with a
         bounded imbalance: an engine does not idle while another has a group waiting, and a
-        video leaves home (its cache and decoded frames) only when home is a group behind.
+        video leaves home (its cache and decoded frames) only when home is a group ahead.
         """
         videos: dict[str, list[int]] = {}
         for i, req in enumerate(requests):
